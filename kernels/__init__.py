@@ -1,0 +1,1 @@
+"""Triton kernels of symmpo-fast: ``@triton.jit`` functions only, no autograd, no policy."""
