@@ -77,9 +77,13 @@ def _mm(a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> torch.Tensor:
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # h: [n, D], weight: [V, D] -> [n, V]; fp32 straight out of cuBLAS for 16-bit inputs on CUDA,
     # in the input dtype elsewhere (the row ops upcast in registers).
-    out = _mm(h, weight.t(), fp32_out=h.is_cuda)
+    fp32_out = h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and _mm_fp32_out_ok("cuda")
+    if not fp32_out:
+        # addmm rounds once, exactly like F.linear; a separate bias add would round twice in 16-bit.
+        return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+    out = _mm(h, weight.t(), fp32_out=True)
     if bias is not None:
-        out += bias.to(out.dtype)
+        out += bias.float()
     return out
 
 
