@@ -1,0 +1,90 @@
+"""The adapter interface: what the packed forward needs from a vision-language model family.
+
+A new family (Qwen2.5-VL, LLaVA-NeXT) is one file with one subclass of :class:`Adapter`, added
+to ``ADAPTERS`` in :mod:`symmpo_fast.models`.  The packed forward
+(:func:`symmpo_fast.models.sequence_logps`), with ``rows`` from :func:`symmpo_fast.packing.pack`::
+
+    pixels = batch.pixel_values[rows.image_order]       # one image per prefix: 2 per SymMPO record
+    hidden = adapter.hidden_states(model, rows, pixels, mask)   # [R, L, D], final norm applied
+    weight, bias = adapter.output_head()                # to sf.token_logps / sf.fused_preference_loss
+
+``hidden_states`` calls the model's own ``forward`` (through whatever wraps it: peft, DDP,
+FSDP2, torch.compile, whose hooks must run) with the packed ids, the pixels, the position ids
+and the tree mask, asks it for (almost) no logits, and catches the language model's output with
+a forward hook.  The model's forward places the image features at the placeholders, in
+row-major order, one image after the other: hence ``image_order``.
+
+``mask`` follows :attr:`Adapter.attn_implementation`: a dense boolean ``[R, 1, L, L]`` for
+``sdpa``, additive float for ``eager``, a FlexAttention ``BlockMask`` for ``flex_attention``;
+transformers passes a 4-D mask or a ``BlockMask`` to the attention as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Adapter:
+    """Wraps one unwrapped model (no peft / DDP shell: the LoRA layers live inside its modules)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def accepts(model) -> bool:
+        """Whether this adapter handles ``model``."""
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        """Placeholder id that image features replace in the input ids."""
+        raise NotImplementedError
+
+    @property
+    def attn_implementation(self) -> str:
+        """The language model's attention implementation, which decides the mask's form."""
+        raise NotImplementedError
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The module whose output (``last_hidden_state`` or first element) is the hidden state
+        after the final norm, ``[R, L, D]``."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the input embeddings: the dtype of an additive (eager) mask."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    def position_ids(self, rows) -> torch.Tensor:
+        """Position ids of the packed rows, ``[R, L]``.  Families with multi-axis rotary positions
+        (Qwen2.5-VL's M-RoPE, ``[3, R, L]``) derive theirs from the same rows here."""
+        return rows.position_ids
+
+    def forward_kwargs(self, rows, pixel_values: torch.Tensor, attention_mask) -> dict:
+        """Keyword arguments of the model's ``forward`` for the packed rows."""
+        raise NotImplementedError
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's ``weight [V, D]`` and ``bias [V]`` (or None)."""
+        raise NotImplementedError
+
+    def hidden_states(self, model, rows, pixel_values: torch.Tensor, attention_mask) -> torch.Tensor:
+        """``[R, L, D]`` final hidden states of the packed rows, from ``model``'s own forward."""
+        caught = []
+
+        def catch(module, args, out):
+            caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+        handle = self.language_model.register_forward_hook(catch)
+        try:
+            model(**self.forward_kwargs(rows, pixel_values, attention_mask))
+        finally:
+            handle.remove()
+        if len(caught) != 1:
+            raise RuntimeError(f"the language model ran {len(caught)} times in one forward; expected once")
+        return caught[0]

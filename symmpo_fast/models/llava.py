@@ -1,0 +1,87 @@
+"""LLaVA-1.5 (transformers' ``LlavaForConditionalGeneration``): the adapter and the loader.
+
+The packed rows go through the model's own ``forward``: it runs the vision tower and projector
+on the pixels it is given (one image per prefix, not per sequence), scatters the features into
+the placeholders, and hands our position ids and tree mask to the Llama language model, which
+passes a 4-D mask or a ``BlockMask`` straight to the attention.  ``logits_to_keep=1`` keeps its
+LM head to one position per row (R x V, negligible): the fused head computes the log-probs
+from the response positions' hidden states instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter
+
+
+class LlavaAdapter(Adapter):
+    """:class:`Adapter` for ``LlavaForConditionalGeneration`` (``llava-hf/llava-1.5-*-hf`` layout)."""
+
+    @staticmethod
+    def accepts(model) -> bool:
+        from transformers import LlavaForConditionalGeneration
+
+        return isinstance(model, LlavaForConditionalGeneration)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.language_model.config._attn_implementation
+
+    def forward_kwargs(self, rows, pixel_values, attention_mask) -> dict:
+        return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                    position_ids=self.position_ids(rows), logits_to_keep=1, use_cache=False)
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.model.get_output_embeddings()
+        if hasattr(head, "base_layer"):
+            raise NotImplementedError("a LoRA adapter on lm_head is not supported by the fused head: "
+                                      "leave lm_head out of target_modules (or train it fully)")
+        return head.weight, head.bias
+
+
+def attn_implementations(language_model: str) -> dict[str, str]:
+    """Per-part ``attn_implementation``: the requested one for the language model (it receives
+    the tree masks), SDPA for the vision tower (plain full attention over one image)."""
+    return {"": language_model, "text_config": language_model, "vision_config": "sdpa"}
+
+
+def prepare(model):
+    """The step every LLaVA model goes through, tiny or loaded: checks that an adapter exists and
+    turns off the KV cache (a training forward has no use for it)."""
+    from . import adapter_for
+
+    adapter_for(model)
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    return model
+
+
+def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+               attn_implementation: str | None = None, **kwargs):
+    """``(model, processor)`` from a checkpoint in the ``llava-hf/llava-1.5-7b-hf`` layout (a hub id
+    or a directory written by ``save_pretrained``).
+
+    ``attn_implementation`` defaults to ``flex_attention`` on CUDA (block-sparse tree masks) and
+    ``sdpa`` elsewhere; the vision tower always uses SDPA.  ``kwargs`` go to ``from_pretrained``.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if attn_implementation is None:
+        attn_implementation = "flex_attention" if device.type == "cuda" else "sdpa"
+    model = LlavaForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=dtype,
+        attn_implementation=attn_implementations(attn_implementation), **kwargs)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return prepare(model.to(device)), processor
