@@ -45,10 +45,10 @@ class HeadParams:
 def _chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per chunk so that one chunk of fp32 logits stays within a memory budget.
 
-    ``SYMMPO_FAST_CHUNK_MB`` overrides the budget (default 1024 MiB on CUDA, 32 MiB on the CPU,
-    where a small chunk keeps the row ops in cache and the peak low).
+    ``SYMMPO_FAST_CHUNK_MB`` overrides the budget (default 1024 MiB on CUDA; 16 MiB on the CPU,
+    where MKL is already efficient at ~128 rows and a small chunk keeps the peak low).
     """
-    default = 1024 if device.type == "cuda" else 32
+    default = 1024 if device.type == "cuda" else 16
     budget = int(os.environ.get("SYMMPO_FAST_CHUNK_MB", default)) * 2**20
     rows = max(1, budget // (vocab * 4))
     return max(16, rows // 16 * 16) if rows >= 16 else rows
@@ -66,25 +66,15 @@ def _mm_fp32_out_ok(device_type: str) -> bool:
         return False
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> torch.Tensor:
-    """a @ b; with 16-bit inputs and ``fp32_out`` the product comes out in fp32 where supported."""
-    if fp32_out and a.dtype in (torch.bfloat16, torch.float16) and _mm_fp32_out_ok(a.device.type):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    out = torch.mm(a, b)
-    return out.float() if fp32_out and out.dtype != torch.float64 else out
-
-
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # h: [n, D], weight: [V, D] -> [n, V]; fp32 straight out of cuBLAS for 16-bit inputs on CUDA,
-    # in the input dtype elsewhere (the row ops upcast in registers).
-    fp32_out = h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and _mm_fp32_out_ok("cuda")
-    if not fp32_out:
-        # addmm rounds once, exactly like F.linear; a separate bias add would round twice in 16-bit.
-        return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
-    out = _mm(h, weight.t(), fp32_out=True)
-    if bias is not None:
-        out += bias.float()
-    return out
+    # h: [n, D], weight: [V, D] -> [n, V].  16-bit inputs on CUDA come out of cuBLAS in fp32
+    # (no rounding of the logits to 16 bits); elsewhere in the input dtype, which the row ops
+    # upcast in registers.
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and _mm_fp32_out_ok("cuda"):
+        out = torch.mm(h, weight.t(), out_dtype=torch.float32)
+        return out if bias is None else out.add_(bias.float())
+    # addmm rounds once, exactly like F.linear; a separate bias add would round twice in 16-bit.
+    return torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
 
 
 def _check_head_inputs(hidden, weight, labels, bias, ignore_index):
@@ -119,27 +109,32 @@ def _check_options(softcap, temperature):
 
 
 class _HeadGrads:
-    """Accumulates the gradients of hidden, weight and bias chunk by chunk (fp32 for weight/bias)."""
+    """Accumulates the gradients of hidden, weight and bias chunk by chunk.
+
+    The weight gradient accumulates in place with ``addmm_`` (cuBLAS / MKL: fp32 accumulation
+    inside each product, beta=1 on the running sum): a ``grad += a @ b`` would allocate a [V, D]
+    temporary per chunk, as large as the gradient itself.  The running sum is in the weight's
+    dtype, as in Liger's fused linear cross-entropy; the bias gradient is summed in fp32.
+    """
 
     def __init__(self, hidden, weight, bias, needs):
         self.hidden = torch.zeros_like(hidden) if needs[0] else None
-        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        self.weight = torch.zeros_like(weight) if needs[1] else None
         self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None
 
     def add(self, rows: torch.Tensor, h: torch.Tensor, dlogits: torch.Tensor, weight: torch.Tensor) -> None:
         # dlogits: [n, V] (fp32 or the input dtype), h: [n, D], rows: [n] indices into hidden
         d = dlogits if dlogits.dtype == weight.dtype else dlogits.to(weight.dtype)
         if self.hidden is not None:
-            self.hidden.index_copy_(0, rows, torch.mm(d, weight).to(self.hidden.dtype))
+            self.hidden.index_copy_(0, rows, torch.mm(d, weight))
         if self.weight is not None:
-            self.weight += _mm(d.t(), h, fp32_out=True)
+            self.weight.addmm_(d.t(), h)
         if self.bias is not None:
-            self.bias += dlogits.float().sum(0)
+            self.bias += dlogits.sum(0, dtype=torch.float32)
 
     def finish(self, weight, bias):
-        w = self.weight.to(weight.dtype) if self.weight is not None else None
         b = self.bias.to(bias.dtype) if self.bias is not None else None
-        return self.hidden, w, b
+        return self.hidden, self.weight, b
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,470 @@
+"""Scenarios (b), (c), (d): a whole SymMPO training step on a LLaVA-shaped model.
+
+One step is: policy forward + backward of a batch of records, optimizer step, gradients freed;
+the reference log-probs come from a cache (``ref cached``) or from a no-grad reference pass in
+the step (``ref online``: the base model with LoRA adapters disabled, or for full fine-tuning
+the policy's own weights under ``no_grad``, which costs what a frozen copy would).
+
+Layouts, in the same process on the same model and batch:
+
+* ``official``: ``packing="none"``: 5 padded rows per record, each image re-encoded per row,
+  full logits -> log_softmax -> gather (:func:`symmpo_fast.models.forward_preference`), as the
+  official SymMPO code does.  On CUDA it runs with SDPA attention (FlashAttention-2 where
+  ``flash_attn`` is installed), the fastest the official code would use.
+* ``symmpo-fast[backend]``: shared-prefix packing (each image once, each (image, question) prefix
+  once) + the fused preference loss on the response positions only.
+* ``symmpo-fast[backend] unfused``: shared prefix + ``token_logps`` -> sums -> ``preference_loss``.
+
+Batches are synthetic :class:`symmpo_fast.data.PreferenceBatch` objects with exact token counts
+(``image`` placeholder tokens, a ``question``, three distinct responses of ``response`` tokens),
+built directly so a point's lengths are what its name says.
+
+Rates: ``records_per_s``; ``tokens_per_s`` counts the tokens actually needed (the shared-prefix
+layout's: each prefix once, every response) for every layout, so its ratio is the speed ratio;
+``mfu`` (CUDA) counts the useful FLOPs on those tokens, 2 * params per token per matrix pass
+(forward; backward to the activations; to the weights when trained), attention excluded,
+recomputation (gradient checkpointing) excluded, against the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import symmpo_fast as sf
+from symmpo_fast.bench import MiB, Run, Timing, free_memory, is_oom, peak_extra_bytes, synchronize
+from symmpo_fast.objectives import NUM_ROLES, ObjectiveConfig
+
+DATASHEET_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12}
+
+
+# ----------------------------------------------------------------------------------------------
+# model shapes
+
+
+# LLaVA-1.5: CLIP ViT-L/14 at 336 px (576 image tokens), 2-layer GELU projector, Vicuna (Llama).
+CLIP_L336 = dict(image_size=336, patch_size=14, vision_hidden_size=1024, vision_intermediate_size=4096,
+                 vision_layers=24, vision_heads=16)
+LLAVA_7B = dict(CLIP_L336, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32)
+LLAVA_13B = dict(CLIP_L336, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                 num_key_value_heads=40)
+LLAVA_VOCAB = 32064
+# The CPU acceptance model of issue 5: hidden 512, 4 layers, vocabulary 32000, 64 image tokens.
+SMALL = dict(image_size=64, patch_size=8, vision_hidden_size=256, vision_intermediate_size=1024, vision_layers=2,
+             vision_heads=4, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8)
+TINY = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+
+
+@dataclass(frozen=True)
+class StepCase:
+    name: str
+    spec: tuple  # TinyLlavaSpec overrides, as sorted items (hashable)
+    vocab: int
+    records: int
+    question: int
+    response: int
+    train: str = "full"
+    """``full`` (language model, projector and head trained; vision tower frozen) or ``lora``."""
+    dtype: str = "float32"
+    grad_ckpt: bool = False
+    optimizer: str = "adamw"
+    """``adamw``, or ``sgd`` (no optimizer state) where AdamW's state would not fit beside the model."""
+    accept: bool = False
+    ref_online: bool = True
+    """Also time the variants with the reference pass inside the step."""
+    all_variants: bool = True
+    """Also the other backends and the unfused head (else: the official layout and ours, auto)."""
+
+    @property
+    def image_tokens(self) -> int:
+        s = dict(self.spec)
+        return (s["image_size"] // s["patch_size"]) ** 2
+
+    def label(self) -> str:
+        return (f"{self.name} {self.train} img{self.image_tokens} q{self.question} r{self.response} "
+                f"x{self.records}")
+
+
+def _case(name, spec, vocab, records, question, response, **kw) -> StepCase:
+    return StepCase(name, tuple(sorted(spec.items())), vocab, records, question, response, **kw)
+
+
+def step_grid(preset: str) -> list[StepCase]:
+    if preset == "smoke":
+        return [_case("tiny", TINY, 1000, 2, 8, 6, ref_online=False)]
+    if preset == "cpu":
+        return [_case("small", SMALL, 32000, 4, 32, 48, accept=True)]
+    if preset == "gpu":
+        # Gradient checkpointing on: without it the official layout's activations for 4 records
+        # (20 rows of ~700 tokens) do not fit beside a 7B model.  Full fine-tuning uses SGD (no
+        # optimizer state) so that weights + gradients fit on one 80 GB card.
+        bf = dict(dtype="bfloat16", grad_ckpt=True)
+        short = dict(bf, ref_online=False, all_variants=False)
+        return [
+            _case("llava-1.5-7b", LLAVA_7B, LLAVA_VOCAB, 4, 32, 96, train="lora", **bf),
+            _case("llava-1.5-7b", LLAVA_7B, LLAVA_VOCAB, 4, 32, 96, train="full", optimizer="sgd", **short),
+            _case("llava-1.5-13b", LLAVA_13B, LLAVA_VOCAB, 4, 32, 96, train="lora", **short),
+            _case("llava-1.5-13b", LLAVA_13B, LLAVA_VOCAB, 2, 32, 96, train="full", optimizer="sgd", **short),
+        ]
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def lengths_grid(preset: str) -> tuple[dict, int, list[tuple[int, int]], dict]:
+    """(model spec, vocab, [(question tokens, response tokens)], case options) of scenario (c)."""
+    if preset == "smoke":
+        return TINY, 1000, [(8, 4), (24, 4)], dict(records=2)
+    if preset == "cpu":
+        pts = [(q, r) for q in (32, 160, 416) for r in (16, 64)]
+        return SMALL, 32000, pts, dict(records=2)
+    if preset == "gpu":
+        # 7B-shaped but 8 of its 32 layers (the ratio hardly depends on depth), LoRA, bf16.
+        spec = dict(LLAVA_7B, num_hidden_layers=8)
+        pts = [(q, r) for q in (32, 512, 1440) for r in (64, 512)]
+        return spec, LLAVA_VOCAB, pts, dict(records=2, train="lora", dtype="bfloat16", grad_ckpt=True)
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# model and batch
+
+
+def build_model(case: StepCase, device: torch.device, attn: str):
+    """A random-init LLaVA of ``case``'s shape with a ``case.vocab``-entry head, on ``device``."""
+    from transformers import LlavaForConditionalGeneration
+
+    from symmpo_fast.models.llava import attn_implementations, prepare
+    from symmpo_fast.models.tiny import TinyLlavaSpec, load_processor, tiny_llava_config
+
+    spec = TinyLlavaSpec(**dict(case.spec), attn_implementation=attn, dtype=getattr(torch, case.dtype))
+    tok = load_processor(spec.image_size, spec.patch_size).tokenizer
+    config = tiny_llava_config(spec, tok)
+    # The shipped tokenizer has 1000 entries; the head is sized to the case's vocabulary (the
+    # synthetic batches draw ids from all of it).
+    config.text_config.vocab_size = case.vocab
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(
+            config, attn_implementation=attn_implementations(attn), dtype=spec.dtype)
+    model = prepare(model)
+    model.model.vision_tower.requires_grad_(False)
+    if case.train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(
+            r=128, lora_alpha=256, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+    if case.grad_ckpt:
+        # transformers >= 5.2x renamed it; the GPU machine's 5.17 may have only the old name.
+        base = sf.models.unwrap(model)
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tok
+
+
+def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = None, response: int | None = None):
+    """A SymMPO :class:`~symmpo_fast.data.PreferenceBatch` with exact token counts.
+
+    Prompt: BOS, 2 template tokens, the image placeholders, ``question`` tokens, 2 template
+    tokens; responses (y_w, y_l, y_w') of ``response`` tokens, the last one EOS.
+    """
+    from symmpo_fast.data import COLUMNS, ROLE_IMAGE, ROLE_TEXT, PreferenceBatch
+
+    question = case.question if question is None else question
+    response = case.response if response is None else response
+    g = torch.Generator().manual_seed(seed)
+    img_id = tok.convert_tokens_to_ids("<image>")
+    specials = set(tok.all_special_ids)
+    lo = max(specials) + 1
+    ids = lambda n: torch.randint(lo, case.vocab, (n,), generator=g)  # noqa: E731
+    s = dict(case.spec)
+    pixels = torch.randn(2 * case.records, 3, s["image_size"], s["image_size"], generator=g)
+    prompts, responses, images = [], [], []
+    for b in range(case.records):
+        head, tail, q = ids(2), ids(2), ids(question)
+        prompt = {i: torch.cat([torch.tensor([tok.bos_token_id]), head,
+                                torch.full((case.image_tokens,), img_id), q, tail]) for i in (2 * b, 2 * b + 1)}
+        answers = {name: torch.cat([ids(response - 1), torch.tensor([tok.eos_token_id])])
+                   for name in ("chosen", "rejected", "contrast_chosen")}
+        img = [2 * b if ROLE_IMAGE["symmpo"][k] == "image" else 2 * b + 1 for k in range(NUM_ROLES)]
+        prompts.append([prompt[img[k]] for k in range(NUM_ROLES)])
+        responses.append([answers[ROLE_TEXT[k]] for k in range(NUM_ROLES)])
+        images.append(img)
+    return PreferenceBatch(objective="symmpo", columns=COLUMNS["symmpo"], prompt_ids=prompts,
+                           response_ids=responses, image_index=images, pixel_values=pixels,
+                           image_token_id=img_id, pad_token_id=tok.pad_token_id,
+                           record_keys=[f"synthetic-{seed}-{b}" for b in range(case.records)])
+
+
+def needed_tokens(batch) -> tuple[int, int, int]:
+    """(tokens the shared-prefix layout feeds, response labels, tokens the official layout feeds)."""
+    from symmpo_fast import packing
+
+    rows = packing.pack(batch)
+    u = packing.unpack(batch)
+    return rows.num_tokens, int(rows.labels.numel()), int(u.input_ids.numel())
+
+
+def useful_flops(model, case: StepCase, batch) -> float:
+    """FLOPs of one step counted on the needed tokens (see the module docstring)."""
+    base = sf.models.unwrap(model)
+    lm = base.model.language_model
+    p_layers = sum(p.numel() for n, p in lm.named_parameters() if ".layers." in f".{n}" and "lora_" not in n)
+    p_vision = sum(p.numel() for p in base.model.vision_tower.parameters())
+    p_proj = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
+    T, R, _ = needed_tokens(batch)
+    D, V = base.config.text_config.hidden_size, base.config.text_config.vocab_size
+    full = case.train == "full"
+    passes = 3 if full else 2  # forward, backward to activations, backward to weights (full only)
+    images = batch.pixel_values.shape[0]
+    vis_tokens = case.image_tokens + 1  # CLIP's CLS token
+    return (2 * p_layers * T * passes + 2 * D * V * R * passes + 2 * p_vision * vis_tokens * images
+            + 2 * p_proj * case.image_tokens * images * passes)
+
+
+def peak_flops(run: Run) -> tuple[float, str]:
+    name = run.env["device"]
+    for key, v in DATASHEET_BF16.items():
+        if key in name:
+            return v, f"{v / 1e12:.0f} TFLOP/s datasheet dense bf16"
+    a = torch.randn(8192, 8192, device=run.device, dtype=torch.bfloat16)
+    t = _loop_time(lambda: a @ a, run, reps=5)
+    v = 2 * 8192**3 / (t.median * 1e-3)
+    return v, f"{v / 1e12:.0f} TFLOP/s measured 8192^3 bf16 matmul"
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def _set_attn(model, impl: str) -> str:
+    """Switch the language model's attention implementation; returns the one in use after."""
+    from symmpo_fast.models.llava import attn_implementations
+
+    base = sf.models.unwrap(model)
+    if base.config.text_config._attn_implementation != impl:
+        try:
+            base.set_attn_implementation(attn_implementations(impl))
+        except Exception as e:  # noqa: BLE001 - older transformers: keep the built one, say so in the row
+            print(f"  (could not switch attention to {impl}: {e.__class__.__name__}: {e})")
+    return base.config.text_config._attn_implementation
+
+
+def _official_attn(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    packing: str
+    backend: str = "auto"
+    fused: bool = True
+    ref_online: bool = False
+    naive: bool = False
+
+
+def variants(case: StepCase, device: torch.device) -> list[Variant]:
+    auto = sf.registry.resolve("auto", device)
+    out = [Variant("official", "none", naive=True), Variant(f"symmpo-fast[{auto}] auto", "shared_prefix", auto)]
+    if case.all_variants:
+        table = sf.backends()
+        for b in ("triton", "csrc", "torch"):
+            a = table[b]
+            if b != auto and (a.cuda if device.type == "cuda" else (a.cpu and b != "triton")):
+                out.append(Variant(f"symmpo-fast[{b}]", "shared_prefix", b))
+        out.append(Variant(f"symmpo-fast[{auto}] unfused", "shared_prefix", auto, fused=False))
+    if case.ref_online:
+        out += [Variant("official, ref online", "none", ref_online=True),
+                Variant(f"symmpo-fast[{auto}] auto, ref online", "shared_prefix", auto, ref_online=True)]
+    return out
+
+
+def make_step(model, opt, batch, cfg: ObjectiveConfig, ref_cached: torch.Tensor, v: Variant, lora: bool):
+    models = sf.models
+
+    def step():
+        if v.ref_online:
+            ref = models.reference_logps(model, batch, v.packing, v.backend, disable_adapter=lora)
+        else:
+            ref = ref_cached
+        if v.fused or v.packing == "none":
+            loss, _ = models.forward_preference(model, batch, cfg, ref, packing=v.packing, backend=v.backend)
+        else:
+            policy = models.sequence_logps(model, batch, v.packing, v.backend)
+            loss, _ = sf.preference_loss(policy, ref, cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _loop_time(fn, run: Run, reps: int | None = None, warmup: int = 1) -> Timing:
+    """Wall time of whole steps: ``warmup`` untimed calls, then ``reps`` timed ones (synchronized)."""
+    from symmpo_fast.bench import _quartiles
+
+    reps = reps or run.reps
+    for _ in range(warmup):
+        fn()
+    synchronize(run.device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(run.device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q1, q3 = _quartiles(samples)
+    return Timing(statistics.median(samples), q1, q3, min(samples), max(samples), reps)
+
+
+def _optimizer(model, case: StepCase):
+    # lr 0: the optimizer does all its work but the weights stay put, so every variant of a case
+    # sees the same model and their losses can be compared.
+    params = [p for p in model.parameters() if p.requires_grad]
+    if case.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=0.0)
+    return torch.optim.AdamW(params, lr=0.0, foreach=True)
+
+
+def run_model_case(run: Run, case: StepCase, scenario: str, points: list[tuple[int, int]] | None = None) -> None:
+    """Time every variant of ``case`` (scenario b/d) or, for (c), official vs ours at each length point."""
+    device = run.device
+    attn = "flex_attention" if device.type == "cuda" else "sdpa"
+    base = dict(scenario=scenario, dtype={"float32": "fp32", "bfloat16": "bf16"}[case.dtype], records=case.records)
+    try:
+        model, tok = build_model(case, device, attn)
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        free_memory(device)
+        run.add(**base, case=case.label(), method="*", status="n/a: OOM building the model")
+        return
+    opt = _optimizer(model, case)
+    cfg = ObjectiveConfig.symmpo()
+    lora = case.train == "lora"
+    D = sf.models.unwrap(model).config.text_config.hidden_size
+    peak, peak_note = peak_flops(run) if device.type == "cuda" else (0.0, "")
+    pts = points or [(case.question, case.response)]
+    try:
+        for q, r in pts:
+            c = dataclasses.replace(case, question=q, response=r)
+            batch = synthetic_batch(c, tok).to(device)
+            T, R, fed_official = needed_tokens(batch)
+            flops = useful_flops(model, c, batch)
+            with torch.no_grad():
+                _set_attn(model, _official_attn(device))
+                ref_cached = sf.models.reference_logps(model, batch, "none", disable_adapter=lora)
+                official_loss = float(sf.models.forward_preference(model, batch, cfg, ref_cached, packing="none")[0])
+            vs = variants(c, device) if scenario == "step" else [v for v in variants(c, device)
+                                                                 if v.naive or v.name.endswith(" auto")]
+            naive_rows: dict[bool, dict] = {}  # the official layout's row, ref cached / online
+            for v in vs:
+                if not (v.naive or v.packing == "none" or run.wants(v.name)):
+                    continue
+                row = _measure_variant(run, c, model, opt, batch, cfg, ref_cached, v, lora, attn, base, T, R,
+                                       fed_official, flops, peak, peak_note, D, official_loss,
+                                       naive_rows.get(v.ref_online))
+                if v.packing == "none":
+                    naive_rows[v.ref_online] = row
+            del batch, ref_cached
+            free_memory(device)
+    finally:
+        del model, opt
+        free_memory(device)
+
+
+def _measure_variant(run, c, model, opt, batch, cfg, ref_cached, v, lora, attn, base, T, R, fed_official, flops,
+                     peak, peak_note, D, official_loss, naive_row):
+    scenario = base["scenario"]
+    device = run.device
+    fed = fed_official if v.packing == "none" else T
+    impl = _set_attn(model, _official_attn(device) if v.packing == "none" else attn)
+    extra = (f"prefix={c.image_tokens + c.question + 5} response={c.response} needed_tokens={T} fed_tokens={fed} "
+             f"labels={R} train={c.train} opt={c.optimizer} grad_ckpt={int(c.grad_ckpt)} "
+             f"ref={'online' if v.ref_online else 'cached'} attn={impl}")
+    row = dict(base, case=c.label(), method=v.name, N=T, D=D, V=c.vocab, extra=extra, **{"pass": "train step"})
+    if run.time_left() <= 0:
+        return run.add(**row, status="skipped: time budget")
+    step = make_step(model, opt, batch, cfg, ref_cached, v, lora)
+    try:
+        with torch.no_grad():
+            if v.packing == "none" and not v.ref_online:
+                err = 0.0
+            else:
+                loss = float(sf.models.forward_preference(model, batch, cfg, ref_cached, packing=v.packing,
+                                                          backend=v.backend)[0])
+                err = abs(loss - official_loss) / max(abs(official_loss), 1e-30)
+        t = _loop_time(step, run, reps=min(run.reps, 2) if scenario == "lengths" else None)
+        mem = peak_extra_bytes(step, device)
+        abs_peak = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else None
+    except Exception as e:  # noqa: BLE001
+        opt.zero_grad(set_to_none=True)
+        if is_oom(e):
+            free_memory(device)
+            return run.add(**row, status="n/a: OOM")
+        return run.add(**row, status=f"error: {e.__class__.__name__}: {str(e)[:160]}")
+    finally:
+        free_memory(device)
+    sec = t.median * 1e-3
+    if abs_peak is not None:
+        row["extra"] += f" abs_peak_mib={abs_peak:.0f}"
+    if peak:
+        row["extra"] += f" mfu_peak={peak_note!r}"
+    ratios = run.vs_naive(naive_row, t.median, mem / MiB, v.packing == "none")
+    if v.packing != "none" and ratios:
+        row["extra"] += f" speedup={1 / ratios['time_vs_naive']:.3g}"
+    out = run.add(**row, reps=t.reps, time_ms=t.median, time_ms_q1=t.q1, time_ms_q3=t.q3, time_ms_min=t.lo,
+                  time_ms_max=t.hi, peak_mib=mem / MiB, flops=flops, flop_formula="useful on needed tokens",
+                  tflops_useful=flops / sec / 1e12, records_per_s=c.records / sec, tokens_per_s=T / sec,
+                  mfu=100 * flops / sec / peak if peak else None, rel_err=err, status="ok", **ratios)
+    print(f"  {c.label():44s} {v.name:36s} {t.median:9.1f} ms {c.records / sec:7.2f} rec/s {mem / MiB:9.1f} MiB"
+          f"  loss rel diff {err:.1e}", flush=True)
+    return out
+
+
+def run_step(run: Run, preset: str) -> None:
+    for case in step_grid(preset):
+        if run.time_left() <= 0:
+            run.add(scenario="step", case=case.label(), method="*", status="skipped: time budget")
+            continue
+        run_model_case(run, case, "step")
+        if case.accept:
+            step_checks(run, case)
+
+
+def step_checks(run: Run, case: StepCase) -> None:
+    """Issue 5's CPU acceptance: ours >= 1.6x the official records/s at <= 0.5x its peak memory."""
+    rows = [r for r in run.rows if r["scenario"] == "step" and r["case"] == case.label() and r["status"] == "ok"
+            and "ref=cached" in r["extra"]]
+    off = next((r for r in rows if r["method"] == "official"), None)
+    ours = next((r for r in rows if r["method"].endswith(" auto")), None)
+    if not (off and ours):
+        return
+    where = f"{case.label()} ({ours['method']} vs official, ref cached)"
+    run.check("whole step records/s vs official", float(ours["records_per_s"]) / float(off["records_per_s"]), 1.6,
+              ">=", where)
+    run.check("whole step peak extra memory / official", float(ours["peak_mib"]) / float(off["peak_mib"]), 0.5, "<=",
+              where)
+
+
+def run_lengths(run: Run, preset: str) -> None:
+    spec, vocab, pts, opts = lengths_grid(preset)
+    case = _case("llava-shaped", spec, vocab, opts.pop("records"), pts[0][0], pts[0][1], ref_online=False, **opts)
+    if run.time_left() <= 0:
+        run.add(scenario="lengths", case=case.label(), method="*", status="skipped: time budget")
+        return
+    run_model_case(run, case, "lengths", pts)
