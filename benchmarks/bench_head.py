@@ -140,13 +140,13 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
                   torch.zeros(half, NUM_ROLES, device=device))
 
 
-def _chunk_rows(V: int, itemsize: int = 8, budget: int = 512 * MiB) -> int:
+def _chunk_size(V: int, itemsize: int = 8, budget: int = 512 * MiB) -> int:
     return max(1, budget // (V * itemsize * 3))
 
 
 def _chunked_logps(hidden, weight, labels, dtype=torch.float32):
     """Token log-probs by the reference, a block of rows at a time (rows are independent)."""
-    step = _chunk_rows(weight.shape[0])
+    step = _chunk_size(weight.shape[0])
     w = weight.to(dtype)
     return torch.cat([reference.token_logps_reference(hidden[s:s + step].to(dtype), w, labels[s:s + step])
                       for s in range(0, hidden.shape[0], step)])
@@ -160,7 +160,7 @@ def truth(inp: Inputs, task: str, need_w: bool) -> tuple[torch.Tensor, ...]:
     """(output, d hidden, d weight) in float64, from :mod:`symmpo_fast.reference` with autograd."""
     h64, w64 = inp.hidden.double(), inp.weight.double().requires_grad_(need_w)
     N = h64.shape[0]
-    step = _chunk_rows(w64.shape[0])
+    step = _chunk_size(w64.shape[0])
     if task == "token_logps":
         g_tok, out = inp.grad_out.double(), None
     else:

@@ -36,7 +36,7 @@ def _transform(x, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def lse_gather_kernel(
     logits_ptr,  # [n, V] fp32/bf16/fp16, unit column stride
-    labels_ptr,  # [n] int64, -1 = skip the row
+    labels_ptr,  # [n] int64, -1 = skip the row, >= V = label in another vocabulary tile
     logp_ptr,  # [n] fp32 out: z[label] - lse, 0 for skipped rows
     lse_ptr,  # [n] fp32 out: log-sum-exp of z over V (every row, skipped ones too)
     V,
@@ -65,7 +65,8 @@ def lse_gather_kernel(
     lse = m + tl.log(s)
 
     label = tl.load(labels_ptr + row)
-    valid = label >= 0
+    # label >= V: the row's label lies in another vocabulary tile (logp 0 here, never read).
+    valid = (label >= 0) & (label < V)
     x_label = tl.load(row_ptr + tl.where(valid, label, 0))
     z_label = _transform(x_label, softcap, inv_temp, HAS_SOFTCAP)
     tl.store(logp_ptr + row, tl.where(valid, z_label - lse, 0.0))
@@ -75,7 +76,7 @@ def lse_gather_kernel(
 @triton.jit
 def softmax_grad_kernel(
     logits_ptr,  # [n, V] fp32/bf16/fp16, unit column stride
-    labels_ptr,  # [n] int64, -1 = zero gradient row
+    labels_ptr,  # [n] int64, -1 = zero gradient row, >= V = softmax part only (label elsewhere)
     lse_ptr,  # [n] fp32, from lse_gather_kernel
     grad_ptr,  # [n] fp32, upstream d loss / d logp
     out_ptr,  # [n, V] any float dtype, unit column stride; may be logits_ptr itself

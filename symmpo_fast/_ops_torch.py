@@ -24,8 +24,9 @@ def lse_gather(logits, labels, softcap, inv_temp):
     # logits: [n, V] any float dtype; labels: [n] int64 with -1 for rows to skip
     z = _transform(logits, softcap, inv_temp)
     lse = torch.logsumexp(z, dim=-1)
-    valid = labels >= 0
-    picked = z.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    V = z.shape[1]
+    valid = (labels >= 0) & (labels < V)  # labels >= V lie in another vocabulary tile
+    picked = z.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
     logp = torch.where(valid, picked - lse, torch.zeros_like(lse))
     return logp, lse
 
@@ -36,7 +37,8 @@ def softmax_grad(logits, labels, lse, grad, softcap, inv_temp, out):
     valid = labels >= 0
     g = torch.where(valid, grad, torch.zeros_like(grad))
     dz = torch.exp(z - lse.unsqueeze(1)).mul_(-g.unsqueeze(1))
-    dz.scatter_add_(1, labels.clamp(min=0).unsqueeze(1), g.unsqueeze(1))
+    here = labels < z.shape[1]  # the one-hot only where the label lies in this slice of the vocabulary
+    dz.scatter_add_(1, torch.where(here, labels, 0).clamp(min=0).unsqueeze(1), torch.where(here, g, 0).unsqueeze(1))
     if softcap is not None:
         dz.mul_(1.0 - (z / softcap) ** 2)  # tanh' = 1 - tanh^2, and z / softcap = tanh(.)
     if inv_temp != 1.0:

@@ -35,23 +35,34 @@ class HeadParams:
     softcap: float | None = None
     temperature: float = 1.0
     backend: str = "torch"
-    chunk_rows: int = 0
+    chunk_size: int = 0
 
     @property
     def inv_temp(self) -> float:
         return 1.0 / self.temperature
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk so that one chunk of fp32 logits stays within a memory budget.
+def _budget_bytes(device: torch.device, cpu_mb: int) -> int:
+    """Bytes one chunk (or tile) of fp32 logits may take; ``SYMMPO_FAST_CHUNK_MB`` overrides."""
+    default = 1024 if device.type == "cuda" else cpu_mb
+    return int(os.environ.get("SYMMPO_FAST_CHUNK_MB", default)) * 2**20
 
-    ``SYMMPO_FAST_CHUNK_MB`` overrides the budget (default 1024 MiB on CUDA; 16 MiB on the CPU,
-    where MKL is already efficient at ~128 rows and a small chunk keeps the peak low).
+
+def _chunk_size(vocab: int, device: torch.device, cpu_mb: int = 128) -> int:
+    """Rows per chunk so that one chunk of fp32 logits ``[rows, vocab]`` stays within the budget.
+
+    1 GiB on CUDA.  On the CPU every chunk's matmuls make MKL repack the whole [V, D] weight and
+    stream the [V, D] weight-gradient accumulator, so chunks must stay large to amortise that:
+    128 MiB for the fused loss (whose peak the gradients dominate anyway).
     """
-    default = 1024 if device.type == "cuda" else 16
-    budget = int(os.environ.get("SYMMPO_FAST_CHUNK_MB", default)) * 2**20
-    rows = max(1, budget // (vocab * 4))
+    rows = max(1, _budget_bytes(device, cpu_mb) // (vocab * 4))
     return max(16, rows // 16 * 16) if rows >= 16 else rows
+
+
+def _vocab_cols(n: int, device: torch.device) -> int:
+    """Vocabulary columns per tile of the CPU ``token_logps`` driver: ``[n, cols]`` fp32 within 32 MiB."""
+    cols = max(64, _budget_bytes(device, 32) // (max(n, 1) * 4))
+    return cols // 64 * 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,13 +162,14 @@ class _TokenLogps(torch.autograd.Function):
         lab = labels[rows].long()
         out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-        step = p.chunk_rows or _chunk_rows(weight.shape[0], hidden.device)
+        step = p.chunk_size or _chunk_size(weight.shape[0], hidden.device)
         for s in range(0, rows.numel(), step):
             r = rows[s : s + step]
             logits = _logits(hidden.index_select(0, r), weight, bias)
             lp, ls = ops.lse_gather(logits, lab[s : s + step], p.softcap, p.inv_temp)
             out.index_copy_(0, r, lp)
             lse[s : s + step] = ls
+            del logits
         ctx.p = p
         ctx.save_for_backward(hidden, weight, bias, rows, lab, lse)
         return out
@@ -169,7 +181,7 @@ class _TokenLogps(torch.autograd.Function):
         ops = _backends.row_ops(p.backend)
         grads = _HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
         g_all = grad_out.float()
-        step = p.chunk_rows or _chunk_rows(weight.shape[0], hidden.device)
+        step = p.chunk_size or _chunk_size(weight.shape[0], hidden.device)
         for s in range(0, rows.numel(), step):
             r = rows[s : s + step]
             h = hidden.index_select(0, r)
@@ -177,14 +189,94 @@ class _TokenLogps(torch.autograd.Function):
             ops.softmax_grad(logits, lab[s : s + step], lse[s : s + step], g_all.index_select(0, r).contiguous(),
                              p.softcap, p.inv_temp, logits)
             grads.add(r, h, logits, weight)
+            del logits
         gh, gw, gb = grads.finish(weight, bias)
+        return gh, gw, gb, None, None
+
+
+class _TokenLogpsVocabTiled(torch.autograd.Function):
+    """``token_logps`` for the CPU: all tokens at once, the vocabulary one tile at a time.
+
+    Token chunks are the right order on CUDA (cuBLAS reads the weight in place), but on the CPU
+    each chunk's products make MKL repack the whole [V, D] weight, and the weight gradient
+    would be read and written once per chunk.  Walking the vocabulary instead repacks only the
+    [n, D] hidden states (V/D times smaller for LLM heads), writes each weight-gradient tile
+    once, and keeps the peak at one [n, cols] tile.  The log-sum-exp is combined across tiles
+    online; a label in another tile is passed as ``cols`` (>= the tile width: no one-hot there).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
+        ops = _backends.row_ops(p.backend)
+        N, V = hidden.shape[0], weight.shape[0]
+        rows = (labels != p.ignore_index).nonzero().squeeze(1)  # host sync
+        lab = labels[rows].long()
+        n = rows.numel()
+        h = hidden if n == N else hidden.index_select(0, rows)  # [n, D]
+        # Running max and sum of exp(lse_tile - max): each tile costs an ulp of the sum (relative),
+        # where logaddexp(lse, lse_tile) would cost an ulp of lse itself (absolute, ~|lse| larger).
+        m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        s = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        z_label = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        cols = p.chunk_size or _vocab_cols(n, hidden.device)
+        for v0 in range(0, V if n else 0, cols):
+            v1 = min(v0 + cols, V)
+            here = (lab >= v0) & (lab < v1)
+            logits = _logits(h, weight[v0:v1], None if bias is None else bias[v0:v1])  # [n, v1 - v0]
+            lp, ls = ops.lse_gather(logits, torch.where(here, lab - v0, cols), p.softcap, p.inv_temp)
+            del logits  # before the next tile is allocated: one tile alive, not two
+            z_label += torch.where(here, lp + ls, 0.0)
+            m_new = torch.maximum(m, ls)
+            s = s * torch.exp(m - m_new) + torch.exp(ls - m_new)
+            m = m_new
+        lse = m + torch.log(s)
+        out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        out.index_copy_(0, rows, z_label - lse)
+        ctx.p = p
+        ctx.save_for_backward(hidden, weight, bias, rows, lab, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p: HeadParams = ctx.p
+        hidden, weight, bias, rows, lab, lse = ctx.saved_tensors
+        ops = _backends.row_ops(p.backend)
+        needs = ctx.needs_input_grad[:3]
+        N, V = hidden.shape[0], weight.shape[0]
+        n = rows.numel()
+        h = hidden if n == N else hidden.index_select(0, rows)
+        g = grad_out.float().index_select(0, rows)
+        # Many tiles add into grad_hidden: 16-bit sums accumulate in fp32.
+        gh = torch.zeros(h.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device) \
+            if needs[0] else None
+        gw = torch.zeros_like(weight) if needs[1] else None
+        gb = torch.zeros_like(bias) if needs[2] else None
+        cols = p.chunk_size or _vocab_cols(n, hidden.device)
+        for v0 in range(0, V if n else 0, cols):
+            v1 = min(v0 + cols, V)
+            here = (lab >= v0) & (lab < v1)
+            w = weight[v0:v1]
+            logits = _logits(h, w, None if bias is None else bias[v0:v1])  # recomputed: 2NDV in all
+            ops.softmax_grad(logits, torch.where(here, lab - v0, cols), lse, g, p.softcap, p.inv_temp, logits)
+            d = logits if logits.dtype == weight.dtype else logits.to(weight.dtype)
+            if gh is not None:
+                gh.addmm_(d, w) if gh.dtype == d.dtype else gh.add_(torch.mm(d, w))
+            if gw is not None:
+                torch.mm(d.t(), h, out=gw[v0:v1])  # each tile written once, no accumulator traffic
+            if gb is not None:
+                gb[v0:v1] = logits.sum(0, dtype=torch.float32)
+            del logits, d
+        if gh is not None:
+            gh = gh.to(hidden.dtype)
+            if n != N:
+                gh = torch.zeros_like(hidden).index_copy_(0, rows, gh)
         return gh, gw, gb, None, None
 
 
 def token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
     ignore_index: int = -100, softcap: float | None = None, temperature: float = 1.0, backend: str = "auto",
-    chunk_rows: int = 0,
+    chunk_size: int = 0,
 ) -> torch.Tensor:
     """log p(label) at each position from hidden states and the LM head, never holding [N, V].
 
@@ -192,7 +284,8 @@ def token_logps(
     is ``ignore_index``.  logits = (hidden @ weight.T + bias) / temperature, then
     ``softcap * tanh(logits / softcap)`` when ``softcap`` is set.  Differentiable in hidden, weight
     and bias; fp32 accumulation for every dtype.  ``backend``: ``auto``, ``triton``, ``csrc``,
-    ``torch`` (chunked PyTorch) or ``reference`` (naive full logits).
+    ``torch`` (chunked PyTorch) or ``reference`` (naive full logits).  ``chunk_size`` (tuning and
+    tests; 0 = automatic): rows per token chunk on CUDA, vocabulary columns per tile on the CPU.
     """
     lead = hidden.shape[:-1]
     hidden2, labels1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
@@ -202,8 +295,9 @@ def token_logps(
     if name == "reference":
         out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
     else:
-        p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_rows)
-        out = _TokenLogps.apply(hidden2, weight, bias, labels1, p)
+        p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
+        fn = _TokenLogps if hidden.is_cuda else _TokenLogpsVocabTiled
+        out = fn.apply(hidden2, weight, bias, labels1, p)
     return out.reshape(lead)
 
 
@@ -216,7 +310,7 @@ class _LogitsTokenLogps(torch.autograd.Function):
     def forward(ctx, logits, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         lab = torch.where(labels == p.ignore_index, -1, labels).long()
-        step = p.chunk_rows or _chunk_rows(logits.shape[1], logits.device)
+        step = p.chunk_size or _chunk_size(logits.shape[1], logits.device)
         logp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logp)
         for s in range(0, logits.shape[0], step):
@@ -233,7 +327,7 @@ class _LogitsTokenLogps(torch.autograd.Function):
         ops = _backends.row_ops(p.backend)
         grad = torch.empty_like(logits)
         g = grad_out.float().contiguous()
-        step = p.chunk_rows or _chunk_rows(logits.shape[1], logits.device)
+        step = p.chunk_size or _chunk_size(logits.shape[1], logits.device)
         for s in range(0, logits.shape[0], step):
             ops.softmax_grad(logits[s : s + step], lab[s : s + step], lse[s : s + step], g[s : s + step],
                              p.softcap, p.inv_temp, grad[s : s + step])
@@ -242,7 +336,7 @@ class _LogitsTokenLogps(torch.autograd.Function):
 
 def logits_token_logps(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, softcap: float | None = None,
-    temperature: float = 1.0, backend: str = "auto", chunk_rows: int = 0,
+    temperature: float = 1.0, backend: str = "auto", chunk_size: int = 0,
 ) -> torch.Tensor:
     """Fused log-softmax-and-gather for trainers that already hold logits ``[..., V]``.
 
@@ -261,7 +355,7 @@ def logits_token_logps(
     if name == "reference":
         out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
     else:
-        p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_rows)
+        p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
         out = _LogitsTokenLogps.apply(logits2.contiguous(), labels1, p)
     return out.reshape(labels.shape)
 
@@ -327,7 +421,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         terms = torch.zeros(B, 5, dtype=torch.float32, device=device)
         grad_policy = torch.zeros_like(policy)
         ref32 = ref_logps.float()
-        budget = p.chunk_rows or _chunk_rows(V, device)
+        budget = p.chunk_size or _chunk_size(V, device)
 
         for r0, r1, t0, t1 in _record_groups(counts, budget):
             n_seq = (r1 - r0) * NUM_ROLES
@@ -341,6 +435,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 lps.append(lp)
                 lses.append(ls)
                 kept = logits if t1 - t0 <= budget else None
+                del logits
             lp = torch.cat(lps) if len(lps) != 1 else lps[0]
             lse = torch.cat(lses) if len(lses) != 1 else lses[0]
             # Phase 2: per-sequence sums (or means), the loss terms and d loss / d sequence.
@@ -367,6 +462,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 ops.softmax_grad(logits, lab[s:e], lse[s - t0 : e - t0], g_tok[s - t0 : e - t0].contiguous(),
                                  p.softcap, p.inv_temp, logits)
                 grads.add(tok[s:e], h, logits, weight)
+                del logits
             kept = None
 
         loss = weighted_total(terms, cfg).mean()
@@ -384,7 +480,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 def fused_preference_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, seq_index: torch.Tensor,
     ref_logps: torch.Tensor, cfg: ObjectiveConfig, backend: str = "auto", bias: torch.Tensor | None = None,
-    ignore_index: int = -100, softcap: float | None = None, temperature: float = 1.0, chunk_rows: int = 0,
+    ignore_index: int = -100, softcap: float | None = None, temperature: float = 1.0, chunk_size: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token log-probs, per-sequence sums, the five log-ratios, every loss term and every gradient in one pass.
 
@@ -392,6 +488,7 @@ def fused_preference_loss(
     ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]``, ``seq_index [N]`` (``b * 5 + column`` for
     response tokens, -1 elsewhere), ``ref_logps [B, 5]`` (reduced like ``cfg.average_logps``).
     Returns the scalar loss (mean over records) and the metrics of :func:`preference_loss`.
+    ``chunk_size`` (tuning and tests; 0 = automatic): the token budget of one group of records.
     """
     _check_options(softcap, temperature)
     hidden2, labels1, seq1 = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), seq_index.reshape(-1)
@@ -413,7 +510,7 @@ def fused_preference_loss(
         return loss, metrics
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias, ref_logps))
-    fp = FusedParams(HeadParams(ignore_index, softcap, float(temperature), name, chunk_rows), cfg, needs_grad)
+    fp = FusedParams(HeadParams(ignore_index, softcap, float(temperature), name, chunk_size), cfg, needs_grad)
     loss, policy, terms = _FusedPreferenceLoss.apply(hidden2, weight, bias, ref_logps, labels1, seq1.long(), fp)
     metrics = preference_metrics(policy, ref_logps.detach(), terms, cfg)
     metrics["loss"] = loss.detach()

@@ -6,7 +6,9 @@ MKL/oneDNN, the fastest matmul on the device):
 
 ``lse_gather(logits [n, V], labels [n], softcap, inv_temp) -> (logp [n] f32, lse [n] f32)``
     z = softcap * tanh(logits * inv_temp / softcap) (or logits * inv_temp), online log-sum-exp
-    over V and z[label]; rows whose label is ``-1`` get logp 0.
+    over V and z[label]; rows whose label is ``-1`` get logp 0.  A label ``>= V`` says the row's
+    label lies in another tile of the vocabulary (the vocabulary-tiled CPU driver): logp 0, lse
+    computed, and in ``softmax_grad`` the softmax part of the gradient without the one-hot.
 ``softmax_grad(logits [n, V], labels, lse, grad [n] f32, softcap, inv_temp, out [n, V])``
     d(sum_i grad_i * logp_i) / d logits written to ``out`` (which may alias ``logits``).
 ``segment_sum(values [n] f32, segments [n] int64, num_segments) -> [S] f32``

@@ -75,9 +75,28 @@ def test_token_logps_matches_float64_truth(backend, dtype, opts):
     h64, w64, b64 = as64(hidden, weight, bias)
     truth = sf.token_logps(h64, w64, labels, bias=b64, backend="reference", **kw)
     in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, backend="reference", **kw)
-    got = sf.token_logps(hidden, weight, labels, bias=bias, backend=backend, chunk_rows=16, **kw)
+    got = sf.token_logps(hidden, weight, labels, bias=bias, backend=backend, chunk_size=16, **kw)
     assert got.dtype == torch.float32 and got.shape == (N,)
     assert (got[labels == -100] == 0).all()
+    check("logps", got, truth, in_dtype, dtype=dtype)
+    for name, g, t, r in zip(["hidden", "weight", "bias"], grads_of(got, [hidden, weight, bias]),
+                             grads_of(truth, [h64, w64, b64]), grads_of(in_dtype, [hidden, weight, bias])):
+        check(f"grad {name}", g, t, r, factor=3.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_chunked_order_used_on_cuda(backend, dtype):
+    """The CUDA driver order (token chunks, recomputed in the backward) run here on the CPU."""
+    from symmpo_fast.head import HeadParams, _TokenLogps
+
+    N, D, V = FAST[backend]
+    hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=12)
+    kw = dict(softcap=3.0, temperature=0.8)
+    h64, w64, b64 = as64(hidden, weight, bias)
+    truth = sf.token_logps(h64, w64, labels, bias=b64, backend="reference", **kw)
+    in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, backend="reference", **kw)
+    got = _TokenLogps.apply(hidden, weight, bias, labels, HeadParams(-100, 3.0, 0.8, backend, 16))
     check("logps", got, truth, in_dtype, dtype=dtype)
     for name, g, t, r in zip(["hidden", "weight", "bias"], grads_of(got, [hidden, weight, bias]),
                              grads_of(truth, [h64, w64, b64]), grads_of(in_dtype, [hidden, weight, bias])):
@@ -112,7 +131,7 @@ def test_logits_token_logps(backend, dtype, opts):
     l64 = logits.detach().double().requires_grad_(True)
     truth = sf.logits_token_logps(l64, labels, backend="reference", **opts)
     in_dtype = sf.logits_token_logps(logits, labels, backend="reference", **opts)
-    got = sf.logits_token_logps(logits, labels, backend=backend, chunk_rows=16, **opts)
+    got = sf.logits_token_logps(logits, labels, backend=backend, chunk_size=16, **opts)
     assert got.shape == (3, N) and got.dtype == torch.float32
     check("logps", got, truth, in_dtype, dtype=dtype)
     (g_got,) = grads_of(got, [logits])
@@ -166,9 +185,9 @@ def test_fused_preference_loss_equals_the_composition(backend, dtype, cfg_name):
     h64, w64, b64 = as64(hidden, weight, bias)
     truth, truth_m = sf.fused_preference_loss(h64, w64, labels, seq_index, ref, cfg, backend="reference", bias=b64)
     in_dtype, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend="reference", bias=bias)
-    # chunk_rows=16 splits records across several groups and makes some records oversized.
+    # chunk_size=16 splits records across several groups and makes some records oversized.
     got, metrics = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend, bias=bias,
-                                            chunk_rows=16)
+                                            chunk_size=16)
     assert set(metrics) == set(truth_m)
     check("loss", got, truth, in_dtype, dtype=dtype)
     assert all(torch.isfinite(v) for v in metrics.values())  # NaN in unused ref columns never leaks
@@ -221,6 +240,29 @@ def test_fused_ref_logps_gradient(backend):
     torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_ops_label_in_another_tile(backend):
+    """Row-op contract: a label >= V gives logp 0 and the softmax part of the gradient only."""
+    ops = sf.registry.row_ops(backend)
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(6, 37, generator=g) * 3
+    labels = torch.tensor([0, 36, 37, 1000, -1, 5])
+    logp, lse = ops.lse_gather(logits, labels, 2.0, 0.9)
+    z = 2.0 * torch.tanh(logits * 0.9 / 2.0)
+    torch.testing.assert_close(lse, torch.logsumexp(z, 1), rtol=1e-5, atol=1e-5)
+    assert (logp[[2, 3, 4]] == 0).all() and (logp[[0, 1, 5]] != 0).all()
+    grad = torch.rand(6, generator=g) + 0.5
+    out = ops.softmax_grad(logits, labels, lse, grad, 2.0, 0.9, torch.empty_like(logits))
+    p = torch.softmax(z, 1)
+    onehot = torch.zeros_like(p)
+    for i, y in enumerate(labels.tolist()):
+        if 0 <= y < 37:
+            onehot[i, y] = 1
+    expect = grad[:, None] * (onehot - p) * (1 - (z / 2.0) ** 2) * 0.9
+    expect[4] = 0  # a skipped row
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+
+
 def test_a_wrong_sequence_map_is_detected():
     """The composition tests can fail: moving one token to another sequence changes loss and gradients."""
     cfg = CONFIGS["symmpo"]
@@ -239,7 +281,7 @@ def test_chunking_does_not_change_the_result():
     results = []
     for rows in (1, 7, 16, 64, 100000):
         loss, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend="torch",
-                                           chunk_rows=rows)
+                                           chunk_size=rows)
         results.append((loss.item(), *[g.clone() for g in torch.autograd.grad(loss, [hidden, weight])]))
     for loss, gh, gw in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-6)

@@ -308,13 +308,13 @@ def test_token_logps_end_to_end(dtype, opts):
         sf.token_logps(h, w, labels, bias=b, **opts, **kw), (h, w, b))
     truth = run(h64, w64, b64, backend="reference")
     ref = run(hidden, weight, bias, backend="reference")
-    got = run(hidden, weight, bias, backend="triton", chunk_rows=16)
+    got = run(hidden, weight, bias, backend="triton", chunk_size=16)
     assert got[0].dtype == torch.float32 and (got[0][labels == -100] == 0).all()
     for name, a, r, t in zip(("logp", "d hidden", "d weight", "d bias"), got, ref, truth):
         check(name, a, r, t)
     # Wrong variant: a temperature off by 1% through the whole chunked path.
     opts["temperature"] = opts.get("temperature", 1.0) * 1.01
-    wrong = run(hidden, weight, bias, backend="triton", chunk_rows=16)
+    wrong = run(hidden, weight, bias, backend="triton", chunk_size=16)
     assert err(wrong[0], truth[0]) > budget(ref[0], truth[0])
 
 
@@ -329,7 +329,7 @@ def test_logits_token_logps_end_to_end(dtype):
     (l64,) = as64(logits)
     run = lambda x, **kw: value_and_grads(sf.logits_token_logps(x, labels, **opts, **kw), (x,))  # noqa: E731
     truth, ref = run(l64, backend="reference"), run(logits, backend="reference")
-    got = run(logits, backend="triton", chunk_rows=8)
+    got = run(logits, backend="triton", chunk_size=8)
     assert got[1].dtype == dtype
     for name, a, r, t in zip(("logp", "d logits"), got, ref, truth):
         check(name, a, r, t)
@@ -337,7 +337,7 @@ def test_logits_token_logps_end_to_end(dtype):
 
 def make_records(V, seed=0):
     """Token-level data of 4 records: prompt tokens (seq_index -1) and responses of every role,
-    some labels ignore_index, in shuffled order.  With chunk_rows=16, record 1 of SymMPO and mDPO
+    some labels ignore_index, in shuffled order.  With chunk_size=16, record 1 of SymMPO and mDPO
     exceeds the budget (its logits are recomputed in sub-chunks) and records 2 and 3 share a chunk."""
     g = torch.Generator().manual_seed(seed)
     lengths = [[1, 2, 1, 1, 2], [6, 9, 7, 8, 6], [2, 1, 2, 1, 1], [1, 1, 1, 2, 2]]  # [B][role] tokens
@@ -383,14 +383,14 @@ def test_fused_preference_loss_end_to_end(dtype, cfg):
     h64, w64, b64, r64 = as64(hidden, weight, bias, ref_logps)
     truth, t_metrics = run(h64, w64, b64, r64, backend="reference")
     ref, r_metrics = run(hidden, weight, bias, ref_logps, backend="reference")
-    got, metrics = run(hidden, weight, bias, ref_logps, backend="triton", chunk_rows=16)
+    got, metrics = run(hidden, weight, bias, ref_logps, backend="triton", chunk_size=16)
     assert torch.isfinite(got[0])
     names = ["loss", "d hidden", "d weight"] + (["d bias"] if bias is not None else []) + ["d ref_logps"]
     for name, a, r, t in zip(names, got, ref, truth):
         check(name, a, r, t)
     # Wrong variant: beta off by 5% must break some budget (the gradients scale with beta).
     cfg = dataclasses.replace(cfg, beta=cfg.beta * 1.05)
-    wrong, _ = run(hidden, weight, bias, ref_logps, backend="triton", chunk_rows=16)
+    wrong, _ = run(hidden, weight, bias, ref_logps, backend="triton", chunk_size=16)
     assert any(err(w, t) > budget(r, t) for w, r, t in zip(wrong, ref, truth))
     assert metrics.keys() == t_metrics.keys()
     for key in t_metrics:
