@@ -70,14 +70,16 @@ setup(
     # kernels/ lives at the top of the repo (the design card) and ships as symmpo_fast.kernels.
     packages=find_packages(include=["symmpo_fast", "symmpo_fast.*"]) + ["symmpo_fast.kernels"],
     package_dir={"symmpo_fast": "symmpo_fast", "symmpo_fast.kernels": "kernels"},
-    package_data={"symmpo_fast": ["assets/**/*", "configs/*.yaml"]},
+    package_data={"symmpo_fast": ["assets/**/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4", "triton>=3.0", "transformers>=4.46", "peft>=0.13", "liger-kernel>=0.5",
         "pybind11>=2.12", "safetensors", "pyyaml", "pillow", "numpy", "tqdm",
+        "pyarrow",  # the official SymMPO data ships as parquet
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "data": ["datasets"],
+        "test": ["pytest", "pytest-benchmark", "datasets"],
         "plot": ["matplotlib"],
         "gpu": ["flash-attn"],
     },

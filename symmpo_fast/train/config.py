@@ -1,0 +1,271 @@
+"""The one configuration of a training run: a dataclass whose fields carry their documentation.
+
+Read from YAML (``TrainConfig.from_yaml``) with ``--field-name value`` command-line overrides
+(``add_arguments`` / ``from_args``); ``symmpo-fast train --help`` prints every field with its
+help text and default.  A run writes the config it used to ``DIR/config.yaml``, which reads back
+to an equal config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..objectives import ObjectiveConfig
+
+# ObjectiveConfig fields that a run may override on top of the objective's preset.
+_OBJECTIVE_FIELDS = ("beta", "dpo_weight", "copo_weight", "pair_weight", "margin_weight", "anchor_weight",
+                     "anchor_delta", "anchor_contrast", "average_logps")
+
+
+def _f(default, help: str, choices: tuple | None = None, group: str = "run"):
+    meta = {"help": help, "group": group}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run reads; see ``symmpo-fast train --help``."""
+
+    # --- run -----------------------------------------------------------------------------------
+    output_dir: str = _f("runs/symmpo", "Directory for metrics.jsonl, checkpoints/, the final model and plots.")
+    seed: int = _f(0, "Seed of the data order, the model's random init (tiny) and every RNG.")
+    max_steps: int = _f(0, "Optimizer steps to run; 0 means num_epochs passes over the data.")
+    num_epochs: float = _f(1.0, "Passes over the training data when max_steps is 0.")
+    resume: bool = _f(False, "Continue from the newest complete checkpoint in output_dir/checkpoints.")
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str = _f("tiny", "LLaVA checkpoint: a Hub name or local path in the llava-hf layout "
+                    "(e.g. llava-hf/llava-1.5-7b-hf), or 'tiny' for the random-init demo model.", group="model")
+    finetune: str = _f("lora", "'lora' (peft adapters on the language model) or 'full' (language model and "
+                       "projector).", choices=("lora", "full"), group="model")
+    lora_r: int = _f(128, "LoRA rank.", group="model")
+    lora_alpha: int = _f(256, "LoRA alpha (scale alpha / r).", group="model")
+    lora_dropout: float = _f(0.05, "LoRA dropout.", group="model")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "Linear layers of the language model that get LoRA adapters.", group="model")
+    train_vision_tower: bool = _f(False, "Also train the vision tower (frozen by default, as in the papers).",
+                                  group="model")
+    gradient_checkpointing: bool = _f(False, "Recompute decoder activations in the backward (less memory).",
+                                      group="model")
+    dtype: str = _f("auto", "Parameter dtype: 'auto' is bfloat16 on CUDA and float32 on the CPU.",
+                    choices=("auto", "float32", "bfloat16"), group="model")
+    liger: bool = _f(True, "Liger-Kernel's RMSNorm / RoPE / SwiGLU for the language model (CUDA only; ignored on "
+                     "the CPU or when liger-kernel is not installed).", group="model")
+    packing: str = _f("shared_prefix", "'shared_prefix': one prompt per image shared by its responses; 'none': one "
+                      "row per sequence.", choices=("shared_prefix", "none"), group="model")
+    backend: str = _f("auto", "Backend of the fused head and loss.", choices=("auto", "triton", "csrc", "torch",
+                                                                            "reference"), group="model")
+
+    # --- objective -----------------------------------------------------------------------------
+    objective: str = _f("symmpo", "Preference objective preset.", choices=("symmpo", "mdpo", "dpo"),
+                        group="objective")
+    beta: float | None = _f(None, "Override of the preset's beta (reward scale).", group="objective")
+    dpo_weight: float | None = _f(None, "Override of the DPO term's weight.", group="objective")
+    copo_weight: float | None = _f(None, "Override of mDPO's conditional (CoPO) term's weight.", group="objective")
+    pair_weight: float | None = _f(None, "Override of SymMPO's lambda (pair terms).", group="objective")
+    margin_weight: float | None = _f(None, "Override of SymMPO's gamma (margin consistency).", group="objective")
+    anchor_weight: float | None = _f(None, "Override of eta (anchor term).", group="objective")
+    anchor_delta: float | None = _f(None, "Override of delta (anchor threshold).", group="objective")
+    anchor_contrast: bool | None = _f(None, "Override: also anchor y_w' given m'.", group="objective")
+    average_logps: bool | None = _f(None, "Override: mean instead of sum of response token log-probs.",
+                                    group="objective")
+    reference: str = _f("auto", "Reference model: 'adapter' (the LoRA model with adapters off), 'copy' (a frozen "
+                        "copy), 'cache' (log-probs written by precompute-ref), 'dataset' (the official parquet's "
+                        "logps column); 'auto' is adapter for LoRA, copy for full fine-tuning.",
+                        choices=("auto", "adapter", "copy", "cache", "dataset"), group="objective")
+    ref_cache: str = _f("", "Reference cache directory for reference=cache (default output_dir/ref_cache).",
+                        group="objective")
+
+    # --- data ----------------------------------------------------------------------------------
+    data: str = _f("synthetic", "Training data: a SymMPO parquet file or directory, an mDPO .json, a .jsonl in "
+                   "our field names, 'hf:NAME[:SPLIT]' or a saved `datasets` directory, or 'synthetic'.",
+                   group="data")
+    data_format: str = _f("auto", "Reader of `data`; 'auto' picks from the path.",
+                          choices=("auto", "symmpo_parquet", "mdpo_json", "jsonl", "hf", "synthetic"), group="data")
+    image_root: str = _f("", "Directory that relative image paths are resolved against (default: the data "
+                         "file's directory).", group="data")
+    eval_data: str = _f("", "Held-out data for `eval` and periodic evaluation ('synthetic' = the held-out split "
+                        "that breaks the language prior); empty for none.", group="data")
+    max_records: int = _f(0, "Use at most this many training records (0: all).", group="data")
+    skip_bad_records: bool = _f(False, "Skip and count records that fail validation instead of stopping.",
+                                group="data")
+    max_length: int = _f(2048, "Longest sequence (prompt + image tokens + response) in tokens.", group="data")
+    truncation: str = _f("drop", "A record longer than max_length: 'drop' it or cut its question ('question'); "
+                         "both are counted.", choices=("drop", "question"), group="data")
+    synthetic_records: int = _f(512, "Training records of the synthetic task.", group="data")
+    synthetic_eval_records: int = _f(128, "Held-out records of the synthetic task.", group="data")
+    num_workers: int = _f(0, "DataLoader worker processes that decode images and collate.", group="data")
+
+    # --- optimisation --------------------------------------------------------------------------
+    learning_rate: float = _f(5e-6, "Peak learning rate (AdamW).", group="optim")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", group="optim")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", group="optim")
+    adam_beta2: float = _f(0.999, "AdamW beta2.", group="optim")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"),
+                           group="optim")
+    warmup_ratio: float = _f(0.05, "Share of max_steps spent warming the learning rate up linearly from 0.",
+                             group="optim")
+    global_batch_size: int = _f(128, "Records per optimizer step, summed over processes and accumulation.",
+                                group="optim")
+    micro_batch_size: int = _f(1, "Records per forward/backward on one process; lower it when out of memory "
+                               "(accumulation keeps global_batch_size).", group="optim")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).", group="optim")
+    max_bad_steps: int = _f(3, "Stop after this many consecutive steps with a non-finite loss or gradient.",
+                            group="optim")
+
+    # --- distributed, checkpoints, logging -----------------------------------------------------
+    parallel: str = _f("auto", "Under torchrun: 'fsdp' (FSDP2 fully_shard), 'ddp', or 'auto' (fsdp when more than "
+                       "one process).", choices=("auto", "fsdp", "ddp"), group="distributed")
+    save_steps: int = _f(0, "Checkpoint every this many steps (0: only at the end).", group="checkpoint")
+    keep_checkpoints: int = _f(2, "Keep the newest this many checkpoints.", group="checkpoint")
+    eval_steps: int = _f(0, "Evaluate on eval_data every this many steps (0: never during training).",
+                         group="checkpoint")
+    tensorboard: bool = _f(True, "Also log to TensorBoard under output_dir/tensorboard when it is installed.",
+                           group="checkpoint")
+    progress: bool = _f(True, "Show a progress bar.", group="checkpoint")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for name in ("global_batch_size", "micro_batch_size", "max_length", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.num_epochs <= 0:
+            raise ValueError("max_steps must be >= 0 and num_epochs > 0")
+        if self.learning_rate < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("learning_rate must be >= 0 and warmup_ratio in [0, 1)")
+        if self.reference == "adapter" and self.finetune != "lora":
+            raise ValueError("reference=adapter needs finetune=lora (the reference is the model with adapters off); "
+                             "use reference=copy or cache for full fine-tuning")
+        self.objective_config()  # fail early on an invalid objective
+
+    # ------------------------------------------------------------------------------------------
+    def objective_config(self) -> ObjectiveConfig:
+        """The preset named by ``objective`` with the fields set here overriding it."""
+        overrides = {k: getattr(self, k) for k in _OBJECTIVE_FIELDS if getattr(self, k) is not None}
+        return ObjectiveConfig.preset(self.objective, **overrides)
+
+    @property
+    def reference_mode(self) -> str:
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if self.finetune == "lora" else "copy"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config is a mapping of field: value, got {type(values).__name__}")
+        try:
+            return cls.from_dict({**values, **overrides})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def fingerprint(self) -> str:
+        """The settings that must not change across --resume (model, objective, data order, batch)."""
+        keep = ("model", "finetune", "lora_r", "lora_alpha", "lora_target_modules", "train_vision_tower", "objective",
+                *_OBJECTIVE_FIELDS, "data", "max_records", "synthetic_records", "seed", "global_batch_size")
+        return json.dumps({k: getattr(self, k) for k in keep}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _base_type(tp):
+    """The non-None type of ``X | None`` annotations."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _coerce(cls, name: str, value):
+    """YAML values to the field's type (YAML reads 5e-6 as a string; ints are fine as floats)."""
+    hints = typing.get_type_hints(cls)
+    tp = _base_type(hints[name])
+    if value is None:
+        return None
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if tp is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if tp in (int, bool, str, list) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise TypeError(f"{name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _parse_optional_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One ``--field-name`` option per field, grouped, with the field's help and default."""
+    parser.add_argument("--config", help="YAML file of field: value; options given here override it.")
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        group_name = f.metadata.get("group", "run")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp, optional = _base_type(hints[f.name]), type(None) in typing.get_args(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        shown = "preset" if default is None else (",".join(default) if isinstance(default, list) else default)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        if tp is bool and not optional:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is bool:
+            group.add_argument(flag, type=_parse_optional_bool, metavar="BOOL", **kw)
+        elif tp is list:
+            group.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",") if v.strip()], metavar="A,B",
+                               **kw)
+        else:
+            group.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kw)
+
+
+def from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
+    """The config of ``--config FILE`` (or the defaults) with every option given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "config", None):
+        return cls.from_yaml(args.config, **overrides)
+    return cls.from_dict(overrides)

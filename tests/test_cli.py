@@ -1,0 +1,174 @@
+"""The command line and the config: --help, YAML round trip, overrides, prepare-data, eval, plot, demo."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from symmpo_fast import cli
+from symmpo_fast.synthetic import build_split
+from symmpo_fast.train import TrainConfig
+from symmpo_fast.train.config import add_arguments, from_args
+from train_helpers import one_thread  # noqa: F401  (the fixture, used by name below)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_train_help_shows_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert f.metadata["help"].split(" (")[0][:30] in " ".join(text.split()), f.name
+
+
+def test_config_yaml_round_trip_and_overrides(tmp_path):
+    cfg = TrainConfig(model="some/model", beta=0.25, lora_target_modules=["q_proj"], anchor_contrast=False)
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--learning-rate", "1e-4", "--no-progress",
+                              "--lora-target-modules", "q_proj,v_proj", "--average-logps", "true", "--max-steps", "7"])
+    got = from_args(args)
+    assert got == dataclasses.replace(cfg, learning_rate=1e-4, progress=False, lora_target_modules=["q_proj", "v_proj"],
+                                      average_logps=True, max_steps=7)
+    assert got.objective_config().beta == 0.25 and got.objective_config().average_logps is True
+    assert got.objective_config().pair_weight == 0.5  # the preset's, not overridden
+
+
+def test_config_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1e-5\n")
+    with pytest.raises(ValueError, match="unknown config key.*learning_rat"):
+        TrainConfig.from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "lr.yaml").write_text("learning_rate: 5e-6\n")  # YAML 1.1 reads this as a string
+    assert TrainConfig.from_yaml(tmp_path / "lr.yaml").learning_rate == 5e-6
+    with pytest.raises(ValueError, match="finetune must be one of"):
+        TrainConfig(finetune="qlora")
+    with pytest.raises(ValueError, match="reference=adapter needs finetune=lora"):
+        TrainConfig(finetune="full", reference="adapter")
+    with pytest.raises(ValueError, match="beta"):
+        TrainConfig(beta=-1.0)
+
+
+def test_shipped_configs_load_and_demo_config_matches_the_demo():
+    from symmpo_fast.train.demo import demo_config
+
+    full = TrainConfig.from_yaml(ROOT / "configs" / "llava15_7b_full.yaml")
+    assert (full.learning_rate, full.global_batch_size, full.lr_scheduler, full.warmup_ratio, full.max_length) == \
+        (5e-6, 128, "cosine", 0.05, 2048)
+    lora = TrainConfig.from_yaml(ROOT / "configs" / "llava15_7b_lora.yaml")
+    assert (lora.lora_r, lora.lora_alpha) == (128, 256)
+    assert set(lora.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    assert TrainConfig.from_yaml(ROOT / "configs" / "demo.yaml") == demo_config("runs/demo/symmpo", "runs/demo/sft")
+
+
+def test_prepare_data_reports_and_writes(tmp_path, capsys):
+    from symmpo_fast.formats import write_jsonl
+
+    path = write_jsonl(build_split("train", 4), tmp_path / "data")
+    # an mDPO-style file (no contrast image) built from the same images
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    mdpo = [{"img_path": str(path.parent / r["image"]), "prompt": "<image>\n" + r["question"], "chosen": r["chosen"],
+             "rejected": r["rejected"]} for r in rows]
+    (tmp_path / "mdpo.json").write_text(json.dumps(mdpo))
+    assert cli.main(["prepare-data", str(tmp_path / "mdpo.json"), "--objective", "mdpo", "--model", "tiny",
+                     "--max-length", "30", "--output", str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["usable"] == 4 and report["skipped"] == 0 and not report["has_contrast"]
+    assert report["tokens_max"] > 30 and report["over_max_length_30"] == 4
+    written = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    assert all((tmp_path / "out" / r["mdpo_crop"]).exists() for r in written)
+
+    rows[1]["chosen"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["prepare-data", str(path)]) == 1
+    assert f"{path}: line 2: field 'chosen' is empty" in capsys.readouterr().err
+    assert cli.main(["prepare-data", str(path), "--skip-bad-records"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["usable"] == 3 and report["problems"][0]["record"].endswith("line 2")
+
+
+def test_eval_command(tmp_path, capsys):
+    assert cli.main(["eval", "--model", "tiny", "--eval-data", "synthetic", "--synthetic-eval-records", "8",
+                     "--max-length", "256", "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "e.json").read_text())
+    assert result["eval/records"] == 8
+    assert result["eval/hallucination_rate"] + result["eval/answer_accuracy"] + result["eval/no_answer_rate"] == \
+        pytest.approx(1.0)
+
+
+def test_evaluation_metrics_on_known_log_probs():
+    from symmpo_fast.data import PreferenceCollator
+    from symmpo_fast.models import load_processor
+    from symmpo_fast.train.evaluate import hallucination_metrics, logp_metrics
+
+    data = build_split("heldout", 6)
+    collator = PreferenceCollator(load_processor(), "symmpo", max_length=256)
+
+    def logps(batch):  # y_w preferred given m; y_w given m' as likely as given m (no image use)
+        return torch.tensor([[0.0, -1.0, -2.0, 0.0, -3.0]]).repeat(batch.num_records, 1)
+
+    out = logp_metrics(logps, data, collator, batch_size=4)
+    assert out == {"eval/records": 6, "eval/image_conditioning": 0.0, "eval/image_conditioning_positive": 0.0,
+                   "eval/accuracy/dpo": 1.0, "eval/accuracy/pair_m": 1.0, "eval/accuracy/pair_contrast": 0.0}
+    answers = [r["chosen"] for r in data.records[:3]] + [r["rejected"] for r in data.records[3:5]] + ["Hm."]
+    assert hallucination_metrics(answers, data) == pytest.approx(
+        {"eval/hallucination_rate": 2 / 6, "eval/answer_accuracy": 3 / 6, "eval/no_answer_rate": 1 / 6})
+
+
+def test_plot_command(tmp_path, capsys):
+    rows = [{"step": s, "loss": 1.0 / s, "loss/dpo": 0.5, "rewards/chosen": 0.1 * s, "accuracy/dpo": 0.5}
+            for s in range(1, 5)] + [{"step": 5, "loss": None, "skipped": True}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert cli.main(["plot", str(tmp_path / "nope")]) == 1
+    assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_bench_is_delegated(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bench(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and name == "bench":
+            raise ImportError("No module named 'symmpo_fast.bench'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_bench)
+    assert cli.main(["bench", "--help"]) == 2
+    assert "symmpo_fast.bench" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_quick_on_a_fixed_seed(tmp_path):
+    from symmpo_fast.train.demo import run_demo
+
+    summary = run_demo(tmp_path, seed=0, quick=True, log=lambda *a: None)
+    for key in ("before", "after"):
+        ev = summary[key]
+        assert ev["eval/records"] == 64
+        assert ev["eval/hallucination_rate"] + ev["eval/answer_accuracy"] + ev["eval/no_answer_rate"] == \
+            pytest.approx(1.0)
+    assert summary["before"] != summary["after"]
+    assert (tmp_path / "symmpo" / "metrics.png").exists() and (tmp_path / "summary.json").exists()
+    # The evaluation itself is deterministic: the saved model evaluates to the same numbers again.
+    from symmpo_fast.train.evaluate import evaluate
+    from symmpo_fast.train.model import load_base
+
+    model, processor = load_base(str(tmp_path / "symmpo" / "final"), 0, torch.device("cpu"), torch.float32)
+    again = evaluate(model, processor, build_split("heldout", 64), batch_size=32, max_length=256)
+    assert again == pytest.approx(summary["after"])
