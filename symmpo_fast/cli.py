@@ -1,4 +1,4 @@
-"""``symmpo-fast``: train, precompute-ref, prepare-data, eval, plot, demo and bench.
+"""``symmpo-fast``: train, precompute-ref, prepare-data, eval, plot, demo, bench and compare.
 
     symmpo-fast train --config configs/llava15_7b_lora.yaml --output-dir runs/x --max-steps 1000
     torchrun --nproc_per_node 8 -m symmpo_fast.cli train --config configs/llava15_7b_full.yaml
@@ -8,6 +8,8 @@
     symmpo-fast eval --model runs/x/final --eval-data synthetic
     symmpo-fast plot runs/x
     symmpo-fast demo
+    symmpo-fast compare --output-dir runs/compare      # the hallucination testbed (issue 6)
+    symmpo-fast bench --preset cpu
 
 ``symmpo-fast train --help`` lists every field of :class:`symmpo_fast.train.TrainConfig`.
 """
@@ -92,14 +94,24 @@ def _demo(args) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
+# Subcommands with their own argument parsers: the rest of the command line goes to their main().
+_PASSTHROUGH = {
+    "bench": ("bench", "benchmarks (symmpo_fast.bench); `symmpo-fast bench --help` for its options"),
+    "compare": ("compare", "the hallucination testbed: DPO, no-image DPO, mDPO, SymMPO and its ablations "
+                           "over 3 seeds; `symmpo-fast compare --help` for its options"),
+}
+
+
+def _passthrough(command: str, argv: list[str]) -> int:
+    import importlib
+
+    module = _PASSTHROUGH[command][0]
     try:
-        from .bench import main as bench_main
+        entry = importlib.import_module(f".{module}", __package__).main
     except ImportError as e:
-        print(f"symmpo-fast bench: the benchmark harness (symmpo_fast.bench) is not available here: {e}",
-              file=sys.stderr)
+        print(f"symmpo-fast {command}: symmpo_fast.{module} is not available here: {e}", file=sys.stderr)
         return 2
-    return bench_main(argv) or 0
+    return entry(argv) or 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,15 +163,15 @@ def parser() -> argparse.ArgumentParser:
     dm.add_argument("--quick", action="store_true", help="a smaller run that checks the pipeline in about a minute")
     dm.set_defaults(func=_demo)
 
-    sub.add_parser("bench", help="benchmarks (symmpo_fast.bench); `symmpo-fast bench --help` for its options",
-                   add_help=False)
+    for name, (_, text) in _PASSTHROUGH.items():
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
+    if argv and argv[0] in _PASSTHROUGH:
+        return _passthrough(argv[0], argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

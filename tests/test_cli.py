@@ -138,19 +138,24 @@ def test_plot_command(tmp_path, capsys):
     assert "nope does not exist" in capsys.readouterr().err
 
 
-def test_bench_is_delegated(monkeypatch, capsys):
-    import builtins
+@pytest.mark.parametrize("command", ["bench", "compare"])
+def test_passthrough_commands_are_delegated(monkeypatch, capsys, command):
+    import importlib
 
-    real_import = builtins.__import__
+    real = importlib.import_module
+    calls = []
 
-    def no_bench(name, globals=None, locals=None, fromlist=(), level=0):
-        if level == 1 and name == "bench":
-            raise ImportError("No module named 'symmpo_fast.bench'")
-        return real_import(name, globals, locals, fromlist, level)
+    def fake(name, package=None):
+        if name == f".{command}":
+            raise ImportError(f"No module named 'symmpo_fast.{command}'")
+        return real(name, package)
 
-    monkeypatch.setattr(builtins, "__import__", no_bench)
-    assert cli.main(["bench", "--help"]) == 2
-    assert "symmpo_fast.bench" in capsys.readouterr().err
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert cli.main([command, "--help"]) == 2
+    assert f"symmpo_fast.{command}" in capsys.readouterr().err
+    monkeypatch.setattr(importlib, "import_module", lambda name, package=None: type(
+        "M", (), {"main": staticmethod(lambda argv: calls.append(argv) or 0)}))
+    assert cli.main([command, "--x", "1"]) == 0 and calls == [["--x", "1"]]
 
 
 @pytest.mark.slow
