@@ -6,8 +6,10 @@ with the work between the products done by one backend's fused row ops
 
 FLOPs, with N the tokens that go through the head:
 
-* ``token_logps``: forward 2NDV; the backward recomputes each chunk's logits because the
-  upstream gradient is unknown during the forward: 2NDV + 2NDV (hidden) + 2NDV (weight) = 8NDV.
+* ``token_logps``: forward 2NDV; the backward recomputes the logits because the upstream
+  gradient is unknown during the forward: 2NDV + 2NDV (hidden) + 2NDV (weight) = 8NDV.  On CUDA
+  it walks chunks of tokens (:class:`_TokenLogps`); on the CPU it walks tiles of the vocabulary
+  (:class:`_TokenLogpsVocabTiled`), because MKL repacks the [V, D] weight on every call.
 * ``fused_preference_loss``: a record's loss depends only on its own five sequences, so the
   forward walks the batch a group of whole records at a time, finishes the group's loss and
   writes its gradients right there: 6NDV, 4NDV with a frozen head (LoRA), no recomputation.
@@ -153,6 +155,8 @@ class _HeadGrads:
 
 
 class _TokenLogps(torch.autograd.Function):
+    """``token_logps`` on CUDA: chunks of tokens, each row's whole vocabulary in one row kernel."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
