@@ -55,6 +55,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_head(rows: list[dict], out: Path, device: str) -> Path | None:
     """For each task of the largest checked case: time and peak memory of every method, fwd+bwd."""
     rows = [r for r in _ok(rows) if r["pass"] == "fwd+bwd"]
@@ -85,11 +92,7 @@ def plot_head(rows: list[dict], out: Path, device: str) -> Path | None:
             ax.set_title(f"{task}, fwd+bwd: {label}", fontsize=9)
             ax.tick_params(labelsize=8)
     fig.suptitle(f"LM head + loss, {case} on {device}", fontsize=10)
-    fig.tight_layout()
-    path = out / f"head_{_slug(device)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"head_{_slug(device)}.png")
 
 
 def plot_head_scaling(rows: list[dict], out: Path, device: str) -> Path | None:
@@ -113,11 +116,7 @@ def plot_head_scaling(rows: list[dict], out: Path, device: str) -> Path | None:
         ax.set_title(f"{task}, fwd+bwd", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"LM head + loss over the grid on {device}", fontsize=10)
-    fig.tight_layout()
-    path = out / f"head_scaling_{_slug(device)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"head_scaling_{_slug(device)}.png")
 
 
 def plot_step(rows: list[dict], out: Path, device: str) -> Path | None:
@@ -138,11 +137,7 @@ def plot_step(rows: list[dict], out: Path, device: str) -> Path | None:
             ax.set_title(f"{case}: {label}", fontsize=9)
             ax.tick_params(labelsize=8)
     fig.suptitle(f"whole SymMPO training step on {device}", fontsize=10)
-    fig.tight_layout()
-    path = out / f"step_{_slug(device)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"step_{_slug(device)}.png")
 
 
 def _kv(extra: str) -> dict[str, str]:
@@ -168,11 +163,7 @@ def plot_lengths(rows: list[dict], out: Path, device: str) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
     ax.set_title(f"shared prefix + fused loss vs official layout, {device}", fontsize=9)
-    fig.tight_layout()
-    path = out / f"lengths_{_slug(device)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"lengths_{_slug(device)}.png")
 
 
 _MD_COLS = {

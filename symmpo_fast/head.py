@@ -145,7 +145,7 @@ class _HeadGrads:
         if self.bias is not None:
             self.bias += dlogits.sum(0, dtype=torch.float32)
 
-    def finish(self, weight, bias):
+    def finish(self, bias):
         b = self.bias.to(bias.dtype) if self.bias is not None else None
         return self.hidden, self.weight, b
 
@@ -194,7 +194,7 @@ class _TokenLogps(torch.autograd.Function):
                              p.softcap, p.inv_temp, logits)
             grads.add(r, h, logits, weight)
             del logits
-        gh, gw, gb = grads.finish(weight, bias)
+        gh, gw, gb = grads.finish(bias)
         return gh, gw, gb, None, None
 
 
@@ -473,7 +473,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             kept = None
 
         loss = weighted_total(terms, cfg).mean()
-        ctx.grads = grads.finish(weight, bias) + (-grad_policy.to(ref_logps.dtype) if needs[3] else None,)
+        ctx.grads = grads.finish(bias) + (-grad_policy.to(ref_logps.dtype) if needs[3] else None,)
         ctx.mark_non_differentiable(policy, terms)
         return loss, policy, terms
 
