@@ -73,7 +73,7 @@ setup(
     package_data={"symmpo_fast": ["assets/**/*"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.4", "triton>=3.0", "transformers>=4.46", "peft>=0.13", "liger-kernel>=0.5",
+        "torch>=2.4", "triton>=3.0", "transformers>=5.0", "peft>=0.13", "liger-kernel>=0.5",
         "pybind11>=2.12", "safetensors", "pyyaml", "pillow", "numpy", "tqdm",
         "pyarrow",  # the official SymMPO data ships as parquet
     ],

@@ -52,7 +52,11 @@ def load_processor(image_size: int = 32, patch_size: int = 8):
     one gives the same pixels within rounding but needs torchvision).
     """
     from transformers import AutoTokenizer, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # transformers < 5.5 or so: the PIL-backed one is the plain class
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     image_processor = CLIPImageProcessorPil(
