@@ -171,7 +171,8 @@ _MD_COLS = {
              "mem_vs_naive", "tflops_useful", "tflops", "flop_formula", "pct_of_mm", "rel_err", "status"),
     "step": ("case", "method", "time_ms", "time_ms_min", "time_ms_max", "records_per_s", "tokens_per_s",
              "time_vs_naive", "peak_mib", "mem_vs_naive", "mfu", "rel_err", "status"),
-    "lengths": ("case", "method", "extra", "time_ms", "time_vs_naive", "peak_mib", "mem_vs_naive", "status"),
+    "lengths": ("case", "method", "extra", "time_ms", "time_ms_min", "time_ms_max", "time_vs_naive", "peak_mib",
+                "mem_vs_naive", "status"),
 }
 
 

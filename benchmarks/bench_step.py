@@ -14,6 +14,8 @@ Layouts, in the same process on the same model and batch:
 * ``symmpo-fast[backend]``: shared-prefix packing (each image once, each (image, question) prefix
   once) + the fused preference loss on the response positions only.
 * ``symmpo-fast[backend] unfused``: shared prefix + ``token_logps`` -> sums -> ``preference_loss``.
+* ``symmpo-fast[backend] padded``: no packing (the official rows, images re-encoded), the fused
+  loss on the response positions' hidden states: what the head alone gains.
 
 Batches are synthetic :class:`symmpo_fast.data.PreferenceBatch` objects with exact token counts
 (``image`` placeholder tokens, a ``question``, three distinct responses of ``response`` tokens),
@@ -286,6 +288,8 @@ def variants(case: StepCase, device: torch.device) -> list[Variant]:
             if b != auto and (a.cuda if device.type == "cuda" else (a.cpu and b != "triton")):
                 out.append(Variant(f"symmpo-fast[{b}]", "shared_prefix", b))
         out.append(Variant(f"symmpo-fast[{auto}] unfused", "shared_prefix", auto, fused=False))
+        # Without shared-prefix packing: the official rows, our fused head (the head's share alone).
+        out.append(Variant(f"symmpo-fast[{auto}] padded", "padded", auto))
     if case.ref_online:
         out += [Variant("official, ref online", "none", ref_online=True),
                 Variant(f"symmpo-fast[{auto}] auto, ref online", "shared_prefix", auto, ref_online=True)]
@@ -391,8 +395,9 @@ def _measure_variant(run, c, model, opt, batch, cfg, ref_cached, v, lora, attn, 
                      peak, peak_note, D, official_loss, naive_row):
     scenario = base["scenario"]
     device = run.device
-    fed = fed_official if v.packing == "none" else T
-    impl = _set_attn(model, _official_attn(device) if v.packing == "none" else attn)
+    rows_layout = v.packing in ("none", "padded")  # one padded row per sequence: any attention
+    fed = fed_official if rows_layout else T
+    impl = _set_attn(model, _official_attn(device) if rows_layout else attn)
     extra = (f"prefix={c.image_tokens + c.question + 5} response={c.response} needed_tokens={T} fed_tokens={fed} "
              f"labels={R} train={c.train} opt={c.optimizer} grad_ckpt={int(c.grad_ckpt)} "
              f"ref={'online' if v.ref_online else 'cached'} attn={impl}")

@@ -253,6 +253,19 @@ class UnpackedRows:
     seq_index: torch.Tensor
     """[S] int64 ``b * 5 + column`` of each row."""
 
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[S, L] int64: 0, 1, ... on each row's real tokens (right padding reads its last position)."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def response_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gather_index [T], labels [T], seq_index [T])``: for every response label, the flat
+        index ``s * L + t`` of the position that predicts it (the one before it), the label, and
+        its sequence ``b * 5 + column``; in row-major order."""
+        S, L = self.labels.shape
+        s, t = (self.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        return s * L + t, self.labels[s, t + 1], self.seq_index[s]
+
     def to(self, device) -> "UnpackedRows":
         return UnpackedRows(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 

@@ -61,20 +61,24 @@ def test_forward_preference_matches_the_official_layout(tiny, records, cfg):
     ref = reference_logps(model, batch, average=cfg.average_logps)
     ref = ref + 0.3 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))  # a policy that moved
     out = {}
-    for packing in ("shared_prefix", "none"):
+    for packing in ("shared_prefix", "padded", "none"):
         model.zero_grad(set_to_none=True)
         loss, metrics = forward_preference(model, batch, cfg, ref, packing=packing)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out[packing] = loss.detach(), metrics, grads
-    (lp, mp, gp), (lu, mu, gu) = out["shared_prefix"], out["none"]
-    assert abs(float(lp - lu)) <= 1e-5 * abs(float(lu))
-    for key, value in mu.items():
-        assert torch.allclose(mp[key], value, rtol=1e-4, atol=1e-6), key
-    assert float(mp["packing/fill"]) > 0.5 and float(mp["packing/rows"]) >= 1
+    lu, mu, gu = out["none"]
     floor = 1e-3 * max(float(g.norm()) for g in gu.values())
-    for name, g in gu.items():
-        assert float((gp[name] - g).norm()) <= 1e-4 * max(float(g.norm()), floor), name
+    for packing in ("shared_prefix", "padded"):
+        lp, mp, gp = out[packing]
+        assert abs(float(lp - lu)) <= 1e-5 * abs(float(lu)), packing
+        for key, value in mu.items():
+            assert torch.allclose(mp[key], value, rtol=1e-4, atol=1e-6), (packing, key)
+        for name, g in gu.items():
+            assert float((gp[name] - g).norm()) <= 1e-4 * max(float(g.norm()), floor), (packing, name)
+    assert float(out["shared_prefix"][1]["packing/fill"]) > 0.5 and float(out["shared_prefix"][1]["packing/rows"]) >= 1
+    rows = len(batch.columns) * batch.num_records
+    assert float(out["padded"][1]["packing/rows"]) == rows and 0 < float(out["padded"][1]["packing/fill"]) <= 1
 
 
 def test_forward_preference_rejects_a_batch_without_its_columns(tiny, records):
@@ -133,8 +137,23 @@ def test_attention_without_tree_masks_is_refused(records):
     model, processor = build_tiny_llava(seed=5)
     model.model.language_model.config._attn_implementation_internal = "flash_attention_2"
     batch = PreferenceCollator(processor, "dpo")(records)
-    with pytest.raises(ValueError, match="flash_attention_2.*packing='none'"):
+    with pytest.raises(ValueError, match="flash_attention_2.*packing='padded'"):
         sequence_logps(model, batch)
+
+
+def test_padded_layout_takes_any_attention(tiny, records):
+    """``packing="padded"`` hands the model a plain padding mask: eager attention gives the same
+    log-probs as SDPA, and sequences of different lengths share the rows."""
+    model, processor = tiny
+    batch = PreferenceCollator(processor, "symmpo")(records)
+    lengths = {len(batch.sequence(b, k)[0]) for b in range(batch.num_records) for k in batch.columns}
+    assert len(lengths) > 1  # right padding is exercised
+    eager, _ = build_tiny_llava(attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = sequence_logps(model, batch, "none")
+        got = sequence_logps(eager, batch, "padded")
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
 def test_load_llava_round_trip(tiny, records, tmp_path):

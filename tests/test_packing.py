@@ -159,6 +159,36 @@ def test_packed_equals_unpacked(tiny, batches, objective, row_tokens):
     assert len(g_packed) > 20  # the language model, the projector and the vision tower all get gradients
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_padded_rows_with_the_fused_head_equal_the_official_layout(tiny, batches, objective):
+    """``packing="padded"``: the official rows' hidden states at the response positions through
+    ``token_logps`` give the official full-logits log-probs and gradients."""
+    model, _ = tiny
+    batch = batches[objective]
+    weights = torch.randn(batch.num_records, 5, generator=torch.Generator().manual_seed(1))
+    padded, g_padded = _weighted_grads(model, batch, "padded", weights)
+    unpacked, g_unpacked = _weighted_grads(model, batch, "none", weights)
+    unused = [k for k in range(5) if k not in batch.columns]
+    assert (padded[:, unused] == 0).all()
+    assert_logps_close(padded, unpacked, 1e-5)
+    assert_grads_close(g_padded, g_unpacked, 1e-4)
+
+
+def test_response_positions_of_padded_rows(batches):
+    """Each gathered position is the one just before its label, inside its row, in row order."""
+    batch = batches["symmpo"]
+    u = packing.unpack(batch)
+    gather, labels, seq = u.response_positions()
+    S, L = u.input_ids.shape
+    s, t = gather // L, gather % L
+    assert torch.equal(u.labels[s, t + 1], labels) and (labels >= 0).all()
+    assert torch.equal(u.seq_index[s], seq)
+    assert (u.attention_mask[s, t + 1] == 1).all()
+    want = sum(len(batch.response_ids[b][k]) for b in range(batch.num_records) for k in batch.columns)
+    assert len(labels) == want and bool((gather[1:] > gather[:-1]).all())
+    assert torch.equal(u.position_ids[0, :4], torch.arange(4))
+
+
 def test_average_logps(tiny, batches):
     model, _ = tiny
     batch = batches["symmpo"]

@@ -11,7 +11,10 @@ each (image, question) prefix through the language model once for all its respon
 (:mod:`symmpo_fast.packing`), and sends only the response positions' hidden states to the
 fused head.  ``packing="none"`` is the official SymMPO / mDPO layout: one padded full sequence
 per record and role, each image re-encoded for every row, full logits -> log_softmax -> gather.
-It is the baseline of the benchmarks and the oracle of the tests; both compute the same numbers.
+It is the baseline of the benchmarks and the oracle of the tests; all layouts compute the same
+numbers.  ``packing="padded"`` keeps the official rows (and their cost in the model body) but
+sends only the response positions' hidden states to the fused head: the head's share of the
+gain on its own, and the layout for an attention that takes no tree mask (``flash_attention_2``).
 
 Unused columns of the objective are never computed and read 0.
 """
@@ -36,7 +39,7 @@ __all__ = [
 ]
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
-PACKINGS = ("shared_prefix", "none")
+PACKINGS = ("shared_prefix", "padded", "none")
 MASK_KINDS = ("sdpa", "eager", "flex_attention")
 FLEX_BLOCK = 128
 FLEX_ROW_TOKENS = 16384
@@ -91,7 +94,8 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     impl = adapter.attn_implementation
     if impl not in MASK_KINDS:
         raise ValueError(f"packing='shared_prefix' needs a tree mask, which attn_implementation {impl!r} cannot take; "
-                         f"use one of {MASK_KINDS} (flex_attention on CUDA) or packing='none'")
+                         f"use one of {MASK_KINDS} (flex_attention on CUDA), or packing='padded' (one row per "
+                         f"sequence, any attention, fused head)")
     flex = impl == "flex_attention"
     rows = _packing.pack(batch, row_tokens or (FLEX_ROW_TOKENS if flex else None), pad_to=FLEX_BLOCK if flex else 8)
     device = adapter.device
@@ -100,6 +104,20 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     pixels = batch.pixel_values.to(device)[torch.tensor(rows.image_order, device=device)]
     hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype))
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.gather_index), rows
+
+
+def _padded_hidden(model, adapter: Adapter, batch):
+    """``(hidden [T, D], labels [T], seq_index [T], rows)``: the official rows (one padded sequence
+    per record and column, each image re-encoded) through the model, and the hidden state that
+    predicts each response label."""
+    u = _packing.unpack(batch)
+    gather, labels, seq = u.response_positions()  # on the host, where the ids are
+    device = adapter.device
+    u = u.to(device)
+    pixels = batch.pixel_values.to(device)[u.image_index]
+    hidden = adapter.hidden_states(model, u, pixels, u.attention_mask)  # [S, L, D]
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(device))
+    return hidden, labels.to(device), seq.to(device), u
 
 
 def _unpacked_logps(model, adapter: Adapter, batch, average: bool) -> torch.Tensor:
@@ -125,8 +143,9 @@ def sequence_logps(model, batch, packing: str = "shared_prefix", backend: str = 
 
     ``sum_t log p(y_t | prompt, y_<t)`` over the response tokens, end-of-turn included (the mean
     with ``average``).  Differentiable in the model's parameters.  ``backend`` is the head's
-    (:func:`symmpo_fast.token_logps`); ``row_tokens`` the packed row budget
-    (:func:`symmpo_fast.packing.pack`).  ``model`` may be wrapped in peft, DDP or torch.compile.
+    (:func:`symmpo_fast.token_logps`; ``packing="none"`` uses full logits instead); ``row_tokens``
+    the packed row budget (:func:`symmpo_fast.packing.pack`).  ``packing`` is one of
+    :data:`PACKINGS`.  ``model`` may be wrapped in peft, DDP or torch.compile.
     """
     if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r}; expected one of {PACKINGS}")
@@ -135,10 +154,14 @@ def sequence_logps(model, batch, packing: str = "shared_prefix", backend: str = 
         return torch.zeros(0, NUM_ROLES, device=adapter.device)
     if packing == "none":
         return _unpacked_logps(model, adapter, batch, average)
-    hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
+    if packing == "padded":
+        hidden, labels, seq, _ = _padded_hidden(model, adapter, batch)
+    else:
+        hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
+        labels, seq = rows.labels, rows.seq_index
     weight, bias = adapter.output_head()
-    tok = token_logps(hidden, weight, rows.labels, bias=bias, backend=backend)  # [T] fp32
-    return _sequence_sums(tok, rows.seq_index, batch.num_records, average)
+    tok = token_logps(hidden, weight, labels, bias=bias, backend=backend)  # [T] fp32
+    return _sequence_sums(tok, seq, batch.num_records, average)
 
 
 def reference_logps(model_or_ref, batch, packing: str = "shared_prefix", backend: str = "auto",
@@ -162,7 +185,8 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
                        backend: str = "auto", row_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
     """``loss, metrics`` of one policy forward: the packed hidden states of the response positions,
     the LM head weight, labels and ``seq_index`` go to :func:`symmpo_fast.fused_preference_loss`
-    (``packing="none"``: official layout -> :func:`symmpo_fast.preference_loss`).
+    (``packing="padded"``: the official rows' hidden states, same fused loss; ``packing="none"``:
+    official layout and head -> :func:`symmpo_fast.preference_loss`).
 
     ``ref_logps [B, 5]`` from :func:`reference_logps` or a cache keyed by ``batch.record_keys``.
     ``metrics`` adds ``packing/rows`` and ``packing/fill`` (real tokens / row slots).
@@ -178,10 +202,14 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
     if packing == "none":
         policy = sequence_logps(model, batch, "none", average=cfg.average_logps)
         return preference_loss(policy, ref_logps.to(policy.dtype), cfg)
-    hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
+    if packing == "padded":
+        hidden, labels, seq, rows = _padded_hidden(model, adapter, batch)
+        real_tokens = int(rows.attention_mask.sum())
+    else:
+        hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
+        labels, seq, real_tokens = rows.labels, rows.seq_index, rows.num_tokens
     weight, bias = adapter.output_head()
-    loss, metrics = fused_preference_loss(hidden, weight, rows.labels, rows.seq_index, ref_logps, cfg,
-                                          backend=backend, bias=bias)
+    loss, metrics = fused_preference_loss(hidden, weight, labels, seq, ref_logps, cfg, backend=backend, bias=bias)
     metrics["packing/rows"] = torch.tensor(float(rows.input_ids.shape[0]), device=loss.device)
-    metrics["packing/fill"] = torch.tensor(rows.num_tokens / rows.input_ids.numel(), device=loss.device)
+    metrics["packing/fill"] = torch.tensor(real_tokens / rows.input_ids.numel(), device=loss.device)
     return loss, metrics

@@ -62,8 +62,10 @@ class TrainConfig:
                     choices=("auto", "float32", "bfloat16"), group="model")
     liger: bool = _f(True, "Liger-Kernel's RMSNorm / RoPE / SwiGLU for the language model (CUDA only; ignored on "
                      "the CPU or when liger-kernel is not installed).", group="model")
-    packing: str = _f("shared_prefix", "'shared_prefix': one prompt per image shared by its responses; 'none': one "
-                      "row per sequence.", choices=("shared_prefix", "none"), group="model")
+    packing: str = _f("shared_prefix", "'shared_prefix': one prompt per image shared by its responses; 'padded': one "
+                      "row per sequence, fused head (any attention implementation); 'none': one row per sequence, "
+                      "full logits (the official code's layout).", choices=("shared_prefix", "padded", "none"),
+                      group="model")
     backend: str = _f("auto", "Backend of the fused head and loss.", choices=("auto", "triton", "csrc", "torch",
                                                                             "reference"), group="model")
 
