@@ -131,3 +131,46 @@ def test_plots_and_latest_table(head_results):
     assert pngs and pngs[0].startswith("head_")
     md = (head_results / "latest.md").read_text()
     assert "| case |" in md and "command: `symmpo-fast bench" in md
+
+
+ROOT = bench.Path(bench.__file__).resolve().parents[1]
+
+
+def _gpu_script(name, tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SKIP_INSTALL="1", PYTHON=sys.executable, OUT=str(tmp_path), **env)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / name)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_gpu_runner_dry_run(tmp_path):
+    """The GPU runner's shell logic on the CPU (smoke preset, short budgets): each scenario writes
+    its CSV, the charts and latest.md are drawn, results.tar.gz and the log land in $OUT."""
+    import tarfile
+
+    results = tmp_path / "results"
+    p = _gpu_script("gpu_runner.sh", tmp_path, PRESET="smoke", DEVICE="cpu", RESULTS=str(results),
+                    HEAD_S="1", STEP_S="60", LENGTHS_S="60")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for name, scenario in (("head_loss.csv", "head"), ("step.csv", "step"), ("lengths.csv", "lengths")):
+        _, rows = _read(results / name)
+        assert rows and {r["scenario"] for r in rows} == {scenario}
+        assert any(r["status"] == "ok" for r in rows), name
+    assert "ended with status" not in p.stdout
+    _, head = _read(results / "head_loss.csv")  # 1 s: the first point runs, the rest are skipped rows
+    assert head[-1]["status"] == "skipped: time budget"
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {"head_loss.csv", "step.csv", "lengths.csv", "latest.md"} <= names
+    assert "== acceptance checks" in (tmp_path / "gpu_runner.log").read_text()
+
+
+def test_gpu_tests_script_dry_run(tmp_path):
+    p = _gpu_script("gpu_tests.sh", tmp_path, TESTS="tests/test_nn.py")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 passed" in p.stdout and (tmp_path / "junit.xml").exists()
+    failing = _gpu_script("gpu_tests.sh", tmp_path, TESTS="tests/no_such_test.py")
+    assert failing.returncode != 0  # pytest's failure is the script's
