@@ -81,6 +81,17 @@ def test_forward_preference_matches_the_official_layout(tiny, records, cfg):
     assert float(out["padded"][1]["packing/rows"]) == rows and 0 < float(out["padded"][1]["packing/fill"]) <= 1
 
 
+def test_forward_preference_rejects_an_empty_batch(tiny, records):
+    """Every record dropped for length: a clear error from every layout, not an internal one."""
+    model, processor = tiny
+    batch = PreferenceCollator(processor, "symmpo", max_length=10)(records)
+    assert batch.num_records == 0 and batch.num_dropped == len(records)
+    for packing in ("shared_prefix", "padded", "none"):
+        with pytest.raises(ValueError, match=r"holds no record \(3 dropped"):
+            forward_preference(model, batch, sf.ObjectiveConfig.symmpo(), torch.zeros(0, 5), packing=packing)
+    assert sequence_logps(model, batch, "padded").shape == (0, 5)
+
+
 def test_forward_preference_rejects_a_batch_without_its_columns(tiny, records):
     model, processor = tiny
     batch = PreferenceCollator(processor, "dpo")(records)

@@ -191,6 +191,9 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
     ``ref_logps [B, 5]`` from :func:`reference_logps` or a cache keyed by ``batch.record_keys``.
     ``metrics`` adds ``packing/rows`` and ``packing/fill`` (real tokens / row slots).
     """
+    if batch.num_records == 0:
+        raise ValueError(f"the batch holds no record ({batch.num_dropped} dropped as longer than the collator's "
+                         f"max_length): there is no loss to compute; skip the batch or raise max_length")
     missing = sorted(set(cfg.used_columns) - set(batch.columns))
     if missing:
         raise ValueError(f"the objective reads columns {missing}, which a {batch.objective!r} batch does not hold; "
