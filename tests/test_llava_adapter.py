@@ -47,6 +47,35 @@ def test_vision_tower_runs_once_per_image(tiny, records, objective, packed, unpa
         assert _images_seen(model, lambda: sequence_logps(model, batch, "none")) == unpacked * len(records)
 
 
+def test_an_image_records_share_is_encoded_once(tiny, records):
+    """Record 1's contrast image is record 0's image and record 2 reuses record 0's contrast image:
+    4 distinct images for 3 SymMPO records go through the vision tower once each, and the
+    log-probs and every gradient (the shared image's features get the sum over their uses) equal
+    the official layout's."""
+    model, processor = tiny
+    shared = [dict(r) for r in records]
+    shared[1]["contrast_image"] = shared[0]["image"]
+    shared[2]["contrast_image"] = shared[0]["contrast_image"]
+    batch = PreferenceCollator(processor, "symmpo")(shared)
+    assert batch.pixel_values.shape[0] == 4
+    with torch.no_grad():
+        assert _images_seen(model, lambda: sequence_logps(model, batch)) == 4
+        assert _images_seen(model, lambda: sequence_logps(model, batch, "none")) == 15
+    weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for packing in ("shared_prefix", "none"):
+        model.zero_grad(set_to_none=True)
+        logps = sequence_logps(model, batch, packing)
+        (logps * weights).sum().backward()
+        out[packing] = logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (lp, gp), (lu, gu) = out["shared_prefix"], out["none"]
+    assert float((lp - lu).abs().max()) <= 1e-5 * float(lu.abs().max())
+    floor = 1e-3 * max(float(g.norm()) for g in gu.values())
+    assert any("vision_tower" in n for n in gu)
+    for name, g in gu.items():
+        assert float((gp[name] - g).norm()) <= 1e-4 * max(float(g.norm()), floor), name
+
+
 CONFIGS = {"symmpo": sf.ObjectiveConfig.symmpo(), "symmpo-mean": sf.ObjectiveConfig.symmpo(average_logps=True),
            "mdpo": sf.ObjectiveConfig.mdpo(), "dpo": sf.ObjectiveConfig.dpo()}
 

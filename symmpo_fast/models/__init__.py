@@ -100,9 +100,12 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     rows = _packing.pack(batch, row_tokens or (FLEX_ROW_TOKENS if flex else None), pad_to=FLEX_BLOCK if flex else 8)
     device = adapter.device
     rows = rows.to(device)
-    # One image per prefix, in the rows' placeholder order (an image two records share is encoded twice).
-    pixels = batch.pixel_values.to(device)[torch.tensor(rows.image_order, device=device)]
-    hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype))
+    # One image per prefix, in the rows' placeholder order; an image that several prefixes share
+    # (records of the batch with the same picture) goes through the vision tower once.
+    used, index = torch.tensor(rows.image_order).unique(return_inverse=True)
+    pixels = batch.pixel_values.to(device)[used.to(device)]
+    hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype),
+                                   image_index=index.to(device))
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.gather_index), rows
 
 

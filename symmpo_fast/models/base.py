@@ -6,6 +6,7 @@ to ``ADAPTERS`` in :mod:`symmpo_fast.models`.  The packed forward
 
     pixels = batch.pixel_values[rows.image_order]       # one image per prefix: 2 per SymMPO record
     hidden = adapter.hidden_states(model, rows, pixels, mask)   # [R, L, D], final norm applied
+    # (with image_index=, each distinct image is encoded once: see image_feature_hook)
     weight, bias = adapter.output_head()                # to sf.token_logps / sf.fused_preference_loss
 
 ``hidden_states`` calls the model's own ``forward`` (through whatever wraps it: peft, DDP,
@@ -20,6 +21,8 @@ transformers passes a 4-D mask or a ``BlockMask`` to the attention as it is.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -73,16 +76,35 @@ class Adapter:
         """The LM head's ``weight [V, D]`` and ``bias [V]`` (or None)."""
         raise NotImplementedError
 
-    def hidden_states(self, model, rows, pixel_values: torch.Tensor, attention_mask) -> torch.Tensor:
-        """``[R, L, D]`` final hidden states of the packed rows, from ``model``'s own forward."""
+    def image_feature_hook(self, index: torch.Tensor):
+        """A context manager under which the model, given each distinct image once as
+        ``pixel_values``, hands the language model the features of ``pixel_values[index]`` (one
+        entry per placeholder image, in order); None where the family cannot, and the images are
+        then repeated before the vision tower.  Lets an image that several prefixes of a batch
+        share go through the vision tower once."""
+        return None
+
+    def hidden_states(self, model, rows, pixel_values: torch.Tensor, attention_mask,
+                      image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``[R, L, D]`` final hidden states of the packed rows, from ``model``'s own forward.
+
+        ``image_index``: the images of the rows' placeholders, in order, are
+        ``pixel_values[image_index]``; each distinct one is encoded once where the family has an
+        :meth:`image_feature_hook`."""
         caught = []
 
         def catch(module, args, out):
             caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
 
+        expand = None
+        if image_index is not None:
+            expand = self.image_feature_hook(image_index)
+            if expand is None:
+                pixel_values, image_index = pixel_values[image_index], None
         handle = self.language_model.register_forward_hook(catch)
         try:
-            model(**self.forward_kwargs(rows, pixel_values, attention_mask))
+            with expand if expand is not None else contextlib.nullcontext():
+                model(**self.forward_kwargs(rows, pixel_values, attention_mask))
         finally:
             handle.remove()
         if len(caught) != 1:

@@ -1,7 +1,8 @@
 """LLaVA-1.5 (transformers' ``LlavaForConditionalGeneration``): the adapter and the loader.
 
 The packed rows go through the model's own ``forward``: it runs the vision tower and projector
-on the pixels it is given (one image per prefix, not per sequence), scatters the features into
+on the pixels it is given (each distinct image of the batch once; a forward hook on the
+projector repeats the features for each prefix that uses the image), scatters the features into
 the placeholders, and hands our position ids and tree mask to the Llama language model, which
 passes a 4-D mask or a ``BlockMask`` straight to the attention.  ``logits_to_keep=1`` keeps its
 LM head to one position per row (R x V, negligible): the fused head computes the log-probs
@@ -9,6 +10,8 @@ from the response positions' hidden states instead.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -39,6 +42,19 @@ class LlavaAdapter(Adapter):
     def forward_kwargs(self, rows, pixel_values, attention_mask) -> dict:
         return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                     position_ids=self.position_ids(rows), logits_to_keep=1, use_cache=False)
+
+    @contextlib.contextmanager
+    def image_feature_hook(self, index: torch.Tensor):
+        """The projector's output ``[images, tokens, D]`` is expanded to ``[len(index), tokens, D]``
+        (``index_select``: a shared image's gradient is the sum over its uses)."""
+        def expand(module, args, out):
+            return out.index_select(0, index.to(out.device))
+
+        handle = self.model.model.multi_modal_projector.register_forward_hook(expand)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         head = self.model.get_output_embeddings()
