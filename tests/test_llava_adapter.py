@@ -8,6 +8,7 @@ from vlm_records import make_records
 import symmpo_fast as sf
 from symmpo_fast.data import PreferenceCollator
 from symmpo_fast.models import (
+    LlavaAdapter,
     adapter_for,
     build_tiny_llava,
     forward_preference,
@@ -45,6 +46,20 @@ def test_vision_tower_runs_once_per_image(tiny, records, objective, packed, unpa
     with torch.no_grad():
         assert _images_seen(model, lambda: sequence_logps(model, batch)) == packed * len(records)
         assert _images_seen(model, lambda: sequence_logps(model, batch, "none")) == unpacked * len(records)
+
+
+def test_a_family_without_the_feature_hook_repeats_the_images(tiny, records, monkeypatch):
+    """The fallback of Adapter.hidden_states: one image per prefix through the vision tower, same
+    log-probs."""
+    model, processor = tiny
+    shared = [dict(r) for r in records]
+    shared[1]["contrast_image"] = shared[0]["image"]
+    batch = PreferenceCollator(processor, "symmpo")(shared)
+    with torch.no_grad():
+        want = sequence_logps(model, batch)
+        monkeypatch.setattr(LlavaAdapter, "image_feature_hook", lambda self, index: None)
+        assert _images_seen(model, lambda: sequence_logps(model, batch)) == 6  # 2 prefixes x 3 records
+        assert torch.allclose(sequence_logps(model, batch), want, rtol=1e-6, atol=0)
 
 
 def test_an_image_records_share_is_encoded_once(tiny, records):

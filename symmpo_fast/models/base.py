@@ -100,7 +100,7 @@ class Adapter:
         if image_index is not None:
             expand = self.image_feature_hook(image_index)
             if expand is None:
-                pixel_values, image_index = pixel_values[image_index], None
+                pixel_values = pixel_values[image_index]
         handle = self.language_model.register_forward_hook(catch)
         try:
             with expand if expand is not None else contextlib.nullcontext():
