@@ -101,11 +101,14 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     device = adapter.device
     rows = rows.to(device)
     # One image per prefix, in the rows' placeholder order; an image that several prefixes share
-    # (records of the batch with the same picture) goes through the vision tower once.
-    used, index = torch.tensor(rows.image_order).unique(return_inverse=True)
-    pixels = batch.pixel_values.to(device)[used.to(device)]
-    hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype),
-                                   image_index=index.to(device))
+    # (records of the batch with the same picture) goes through the vision tower once, the
+    # distinct images in order of first use.
+    first = {i: n for n, i in enumerate(dict.fromkeys(rows.image_order))}
+    pixels = batch.pixel_values.to(device)[torch.tensor(list(first), device=device)]
+    index = None
+    if len(first) < len(rows.image_order):
+        index = torch.tensor([first[i] for i in rows.image_order], device=device)
+    hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype), image_index=index)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.gather_index), rows
 
 
