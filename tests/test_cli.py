@@ -177,3 +177,12 @@ def test_demo_quick_on_a_fixed_seed(tmp_path):
     model, processor = load_base(str(tmp_path / "symmpo" / "final"), 0, torch.device("cpu"), torch.float32)
     again = evaluate(model, processor, build_split("heldout", 64), batch_size=32, max_length=256)
     assert again == pytest.approx(summary["after"])
+
+
+def test_a_missing_model_directory_is_named(tmp_path):
+    """A path that does not exist is reported as such, not passed to the Hub as a repo id."""
+    from symmpo_fast.train.model import load_base
+
+    for name in ("runs/demo/sft", str(tmp_path / "nothing"), "./model"):
+        with pytest.raises(FileNotFoundError, match="no such directory"):
+            load_base(name, 0, torch.device("cpu"), torch.float32)

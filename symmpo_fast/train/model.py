@@ -104,6 +104,11 @@ def load_base(name: str, seed: int, device: torch.device, dtype: torch.dtype):
     path = Path(name)
     if (path / "adapter_config.json").exists():
         return load_exported_lora(path, device, dtype)
+    if not path.is_dir() and (name.count("/") > 1 or name.startswith((".", "/", "~")) or path.exists()):
+        raise FileNotFoundError(
+            f"model {name!r} is a path (not 'tiny', not a Hub id like 'llava-hf/llava-1.5-7b-hf') but no such "
+            f"directory exists here; runs write theirs under output_dir (`symmpo-fast demo` writes runs/demo/sft, "
+            f"which configs/demo.yaml starts from)")
     return load_llava(name, dtype=dtype, device=device)
 
 
