@@ -262,7 +262,7 @@ class UnpackedRows:
         """``(gather_index [T], labels [T], seq_index [T])``: for every response label, the flat
         index ``s * L + t`` of the position that predicts it (the one before it), the label, and
         its sequence ``b * 5 + column``; in row-major order."""
-        S, L = self.labels.shape
+        L = self.labels.shape[1]
         s, t = (self.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
         return s * L + t, self.labels[s, t + 1], self.seq_index[s]
 
