@@ -23,7 +23,7 @@ $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda
 	$(PIP) install -q --upgrade pip setuptools wheel pybind11 ninja
 	$(PY) -c "import torch, sys; sys.exit(0 if tuple(map(int, torch.__version__.split('.')[:2])) >= (2, 4) else 1)" 2>/dev/null \
 		|| $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,plot]" --no-build-isolation
+	$(PIP) install -q -e ".[test,plot,trl]" --no-build-isolation
 	$(PY) -c "import symmpo_fast as sf; [print(f'  {n:9s} cpu={a.cpu!s:5s} cuda={a.cuda!s:5s} {a.why_not}') for n, a in sf.backends().items()]"
 	touch $(STAMP)
 

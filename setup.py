@@ -79,7 +79,9 @@ setup(
     ],
     extras_require={
         "data": ["datasets"],
-        "test": ["pytest", "pytest-benchmark", "datasets"],
+        # sentencepiece: the tests build a Llama-style (SentencePiece) tokenizer offline.
+        "test": ["pytest", "pytest-benchmark", "datasets", "sentencepiece", "protobuf"],
+        "trl": ["trl>=1.16"],
         "plot": ["matplotlib"],
         "gpu": ["flash-attn"],
     },
