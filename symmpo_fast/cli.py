@@ -62,7 +62,7 @@ def _prepare_data(args) -> int:
 
     report = prepare(args.data, data_format=args.data_format, objective=args.objective, image_root=args.image_root,
                      skip_bad_records=args.skip_bad_records, output=args.output, model=args.model,
-                     max_length=args.max_length, seed=args.seed)
+                     max_length=args.max_length, seed=args.seed, prompt_format=args.prompt_format)
     print(json.dumps(report, indent=1))
     return 0 if report["usable"] else 1
 
@@ -142,6 +142,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="", help="also tokenize with this model's processor ('tiny' or a "
                    "checkpoint) and report sequence lengths and what max_length would drop")
     d.add_argument("--max-length", type=int, default=2048, help="max_length for the length report")
+    d.add_argument("--prompt-format", default="auto", choices=("auto", "llava_v1", "chat_template"),
+                   help="prompt format for the length report (as train's --prompt-format)")
     d.add_argument("--seed", type=int, default=0, help="seed of mDPO's crops (the collator's seed)")
     d.set_defaults(func=_prepare_data)
 

@@ -38,7 +38,7 @@ from PIL import Image
 
 from . import formats
 from .objectives import ObjectiveConfig
-from .synthetic import SyntheticConfig, build_split
+from .synthetic import PROMPT_FORMAT, SyntheticConfig, build_split
 
 BLANK_RGB = (235, 235, 235)
 """The no-image baseline's picture: one uniform grey, the mean of the task's background range
@@ -166,7 +166,8 @@ def train_config(method: Method, seed: int, cfg: CompareConfig, sft: Path, run_d
         objective=method.objective, **dict(method.overrides), **data, synthetic_records=cfg.train_records,
         learning_rate=cfg.learning_rate, lr_scheduler="cosine", warmup_ratio=cfg.warmup_ratio,
         global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, max_steps=cfg.steps,
-        max_length=cfg.max_length, save_steps=0, keep_checkpoints=1, tensorboard=False, progress=False,
+        max_length=cfg.max_length, prompt_format=PROMPT_FORMAT, save_steps=0, keep_checkpoints=1, tensorboard=False,
+        progress=False,
     )
 
 
@@ -193,7 +194,8 @@ def run_one(method: Method, seed: int, cfg: CompareConfig, sft: Path, work: Path
     tcfg = train_config(method, seed, cfg, sft, run_dir, blank_data)
     train(tcfg)
     model, processor = load_base(str(run_dir / "final"), seed, torch.device("cpu"), torch.float32)
-    metrics = evaluate(model, processor, heldout, batch_size=32, max_length=cfg.max_length, seed=seed)
+    metrics = evaluate(model, processor, heldout, batch_size=32, max_length=cfg.max_length, seed=seed,
+                       prompt_format=PROMPT_FORMAT)
     metrics["train/accuracy/dpo"] = _train_accuracy(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only resume needs them; final/ stays
     return {"seed": seed, "metrics": metrics, "seconds": time.perf_counter() - t0}
@@ -303,7 +305,8 @@ def compare(cfg: CompareConfig, output_dir: Path, work: Path, command: str = "",
     sft = warmup(work, cfg, log)
     heldout = build_split("heldout", cfg.eval_records, SyntheticConfig())
     model, processor = load_base(str(sft), cfg.sft_seed, torch.device("cpu"), torch.float32)
-    start = evaluate(model, processor, heldout, batch_size=32, max_length=cfg.max_length, seed=cfg.sft_seed)
+    start = evaluate(model, processor, heldout, batch_size=32, max_length=cfg.max_length, seed=cfg.sft_seed,
+                     prompt_format=PROMPT_FORMAT)
     methods = [METHODS[k] for k in cfg.methods]
     blank = write_blank_split(work / "data" / "train_blank", cfg.train_records) if any(
         m.blank_images for m in methods) else None

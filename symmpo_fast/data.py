@@ -6,8 +6,11 @@ A record is a dict of PIL images and strings::
      "chosen": y_w, "rejected": y_l, "contrast_chosen": y_w'}
 
 SymMPO needs all six fields; mDPO and DPO need neither ``contrast_image`` nor ``contrast_chosen``
-(mDPO's column 3 uses ``m_l``, a seeded random crop of ``m`` keeping 1-20% of its area, as in
-the mDPO paper, https://arxiv.org/abs/2406.11839).  Extra fields are ignored.
+(mDPO's column 3 uses ``m_l``, a random crop of ``m`` keeping 1-20% of its area, as in the mDPO
+paper, https://arxiv.org/abs/2406.11839: by default one seeded crop of the raw image per record,
+which a reference cache can hold; ``mdpo_crop="official"`` crops the processed pixels anew on
+every forward, as mDPO's code does).  ``question`` may be replaced by ``prompt``, the whole
+conversation up to the assistant's turn.  Extra fields are ignored.
 
 Each role (column of :data:`symmpo_fast.ROLES`) is the sequence ``prompt(image, x) + response``:
 
@@ -21,18 +24,22 @@ col   role                 image       response
 4     contrast_chosen      m'          y_w'
 ====  ===================  ==========  ================
 
-The prompt is the processor's chat template with its generation prompt (LLaVA-1.5:
-``USER: <image>\\n{x} ASSISTANT:``), the image placeholder expanded to the image's token count.
-The response is the answer as the template places it after the prompt, then the end-of-turn
-token ``</s>`` (the tokenizer's EOS); the labels are all of the response's tokens, EOS
-included, as the official LLaVA / mDPO / SymMPO code trains them.  Concatenating a role's
-``prompt_ids`` and ``response_ids`` gives exactly the ids the model is run on, packed or not.
+The prompt and the response come from the collator's prompt format
+(:mod:`symmpo_fast.prompts`): by default the family's official input (LLaVA-1.5: the official
+``llava_v1`` conversation, ``{system} USER: <image>\\n{x} ASSISTANT: {y}</s>``), or the
+processor's own chat template; a record whose ``prompt`` already holds the whole conversation
+(mDPO's JSON) is used as written.  The image placeholder is expanded to the image's token
+count; the labels are the answer's tokens and the end-of-turn ``</s>``, as the official LLaVA /
+mDPO / SymMPO code trains them.  Concatenating a role's ``prompt_ids`` and ``response_ids``
+gives exactly the ids the model is run on, packed or not.
 
-Truncation (``max_length`` bounds every prompt + response): a response and an image are never
-cut.  ``truncation="drop"`` drops a record whose longest sequence is too long;
+Truncation (``max_length`` bounds every prompt + response, image tokens included; images are
+never cut).  ``truncation="drop"`` (default) drops a record whose longest sequence is too long;
 ``truncation="question"`` cuts the question's last tokens instead, keeping at least one, and
-drops the record when that is not enough.  Both are counted in ``num_dropped`` /
-``num_truncated`` for the logs.
+drops the record when that is not enough; ``truncation="right"`` is the official code's: each
+sequence is cut on the right at ``max_length``, its response losing its tail (``</s>``
+first), and a record with a sequence left without labels is dropped.  All are counted in
+``num_dropped`` / ``num_truncated`` for the logs.
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from . import prompts
 from .objectives import NUM_ROLES, ObjectiveConfig
 
 OBJECTIVES = ("symmpo", "mdpo", "dpo")
-TRUNCATION = ("drop", "question")
+TRUNCATION = ("drop", "question", "right")
+MDPO_CROPS = ("seeded", "official")
 COLUMNS = {name: ObjectiveConfig.preset(name).used_columns for name in OBJECTIVES}
 # Which answer and which image each column uses ("crop" is mDPO's m_l, made from "image").
 ROLE_TEXT = ("chosen", "rejected", "contrast_chosen", "chosen", "contrast_chosen")
@@ -57,8 +66,6 @@ ROLE_IMAGE = {"symmpo": ("image", "image", "image", "contrast_image", "contrast_
               "mdpo": ("image", "image", None, "crop", None),
               "dpo": ("image", "image", None, None, None)}
 CROP_AREA = (0.01, 0.2)
-_SENTINEL_Q = "\x00question\x00"
-_SENTINEL_A = "\x00answer\x00"
 
 
 @dataclass
@@ -85,6 +92,9 @@ class PreferenceBatch:
     its pixel values: the key of a reference log-prob cache."""
     num_dropped: int = 0
     num_truncated: int = 0
+    recrop: tuple[int, ...] = ()
+    """Entries of ``pixel_values`` that :meth:`forward_pixels` crops anew on every forward
+    (``mdpo_crop="official"``)."""
 
     @property
     def num_records(self) -> int:
@@ -97,6 +107,18 @@ class PreferenceBatch:
     def to(self, device, non_blocking: bool = False) -> "PreferenceBatch":
         """A copy with the pixels on ``device``; token ids stay on the host, where packing is planned."""
         return dataclasses.replace(self, pixel_values=self.pixel_values.to(device, non_blocking=non_blocking))
+
+    def forward_pixels(self, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The pixels one forward sees: ``pixel_values``, with every :attr:`recrop` entry replaced
+        by a fresh random resized crop (1-20 % of the area, resized back), as mDPO's code draws
+        one for each forward of the policy and of the reference."""
+        pixels = self.pixel_values if device is None else self.pixel_values.to(device)
+        if not self.recrop:
+            return pixels
+        pixels = pixels.clone()
+        for i in self.recrop:
+            pixels[i] = random_resized_crop(pixels[i], CROP_AREA, generator)
+        return pixels
 
     def sequence(self, b: int, column: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids [n], labels [n])`` of one role as a plain causal LM sees it (labels -100 on
@@ -127,6 +149,33 @@ def random_crop(image, rng: random.Random, area: tuple[float, float] = CROP_AREA
                      "of its area")
 
 
+def random_resized_crop(pixels: torch.Tensor, area: tuple[float, float] = CROP_AREA,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop(size=(H, W), scale=area)`` of a ``[C, H, W]`` tensor: a box
+    of ``area`` of the image (aspect ratio log-uniform in [3/4, 4/3], 10 draws, else the centre
+    crop) resized back to ``(H, W)`` bilinearly with antialiasing, as mDPO's ``crop_images``."""
+    C, H, W = pixels.shape
+    g = dict(generator=generator, device="cpu")
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), **g))
+
+    for _ in range(10):
+        target = H * W * uniform(*area)
+        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            i = int(torch.randint(0, H - h + 1, (), **g))
+            j = int(torch.randint(0, W - w + 1, (), **g))
+            break
+    else:  # torchvision's fallback: the centre crop, its aspect ratio clamped to [3/4, 4/3]
+        w, h = (W, round(W * 4 / 3)) if W / H < 3 / 4 else (round(H * 4 / 3), H) if W / H > 4 / 3 else (W, H)
+        i, j = (H - h) // 2, (W - w) // 2
+    box = pixels[None, :, i:i + h, j:j + w].float()
+    out = torch.nn.functional.interpolate(box, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+    return out[0].to(pixels.dtype)
+
+
 def _image_digest(image) -> bytes:
     return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).digest()
 
@@ -135,21 +184,29 @@ class PreferenceCollator:
     """``collator(records) -> PreferenceBatch``; see the module docstring for the layout and policies.
 
     ``processor``: a transformers processor with a tokenizer (fast: offsets are used), an image
-    processor, ``image_token`` and a chat template.  ``seed`` fixes mDPO's crops: the crop of a
-    record depends only on ``seed`` and its image, so a reference log-prob cache stays valid
-    across epochs.  ``system_prompt`` goes into the template's system turn when given.
+    processor, ``image_token`` and a chat template.  ``prompt_format`` is one of
+    :data:`symmpo_fast.prompts.PROMPT_FORMATS` (``auto``: the family's official input, for
+    LLaVA-1.5 ``llava_v1``); a record whose ``prompt`` already holds the conversation (mDPO's
+    JSON) is used as written instead.  ``system_prompt`` replaces the format's system text.
+    ``seed`` fixes mDPO's crops (``mdpo_crop="seeded"``): the crop of a record depends only on
+    ``seed`` and its image, so a reference log-prob cache stays valid across epochs;
+    ``mdpo_crop="official"`` keeps the whole image and crops its pixels anew on every forward
+    (:meth:`PreferenceBatch.forward_pixels`), as mDPO's code does.
     """
 
     def __init__(self, processor, objective: str = "symmpo", max_length: int = 2048, truncation: str = "drop",
-                 seed: int = 0, system_prompt: str | None = None):
+                 seed: int = 0, system_prompt: str | None = None, prompt_format: str = "auto",
+                 mdpo_crop: str = "seeded"):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
         if truncation not in TRUNCATION:
             raise ValueError(f"unknown truncation {truncation!r}; expected one of {TRUNCATION}")
+        if mdpo_crop not in MDPO_CROPS:
+            raise ValueError(f"unknown mdpo_crop {mdpo_crop!r}; expected one of {MDPO_CROPS}")
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         self.processor, self.objective, self.max_length = processor, objective, max_length
-        self.truncation, self.seed, self.system_prompt = truncation, seed, system_prompt
+        self.truncation, self.seed, self.mdpo_crop = truncation, seed, mdpo_crop
         self.columns = COLUMNS[objective]
         self.tokenizer = tok = processor.tokenizer
         if tok.eos_token_id is None:
@@ -157,35 +214,9 @@ class PreferenceCollator:
         self.image_token = processor.image_token
         self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self._before, self._after, self._sep = self._template_pieces()
-        # The answer is tokenized after the prompt's tail, so that tokenizers which treat a text's
-        # start specially (SentencePiece's prefix space) give the ids the model sees in context.
-        self._anchor = tok(self._after, add_special_tokens=False)["input_ids"]
-
-    def _messages(self, question: str, answer: str | None = None) -> list[dict]:
-        msgs = []
-        if self.system_prompt is not None:
-            msgs.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
-        if answer is not None:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return msgs
-
-    def _template_pieces(self) -> tuple[str, str, str]:
-        """(text before the question, text after it up to the generation prompt's end, separator
-        between the generation prompt and the answer), from rendering the template once."""
-        render = self.processor.apply_chat_template
-        prompt = render(self._messages(_SENTINEL_Q), add_generation_prompt=True, tokenize=False)
-        full = render(self._messages(_SENTINEL_Q, _SENTINEL_A), add_generation_prompt=False, tokenize=False)
-        before, _, after = prompt.partition(_SENTINEL_Q)
-        if before.count(self.image_token) != 1 or self.image_token in after:
-            raise ValueError(f"the chat template must place one {self.image_token!r} before the question; "
-                             f"it renders {prompt!r}")
-        if not full.startswith(prompt) or _SENTINEL_A not in full[len(prompt):]:
-            raise ValueError("the chat template's assistant turn does not continue its generation prompt: "
-                             f"{prompt!r} vs {full!r}")
-        sep = full[len(prompt):].partition(_SENTINEL_A)[0]
-        return before, after, sep
+        self.format = prompts.make_format(processor, prompt_format, system_prompt)
+        self.prompt_format = self.format.name
+        self._as_written = prompts.AsWritten(tok, self.image_token, self.image_token_id)
 
     # ------------------------------------------------------------------------------------------
 
@@ -193,64 +224,62 @@ class PreferenceCollator:
         if not isinstance(records, (list, tuple)) or not records:
             raise ValueError(f"the collator needs a non-empty list of records, got {type(records).__name__}")
         images = {c for c in ROLE_IMAGE[self.objective] if c not in (None, "crop")}
-        texts = {"question"} | {ROLE_TEXT[k] for k in self.columns}
+        answers = {ROLE_TEXT[k] for k in self.columns}
         for i, r in enumerate(records):
             if not isinstance(r, dict):
                 raise TypeError(f"record {i} must be a dict, got {type(r).__name__}")
-            for f in sorted(images | texts):
+            lead = "prompt" if "prompt" in r and "question" not in r else "question"
+            for f in sorted(images | answers | {lead}):
                 if f not in r:
                     raise ValueError(f"record {i} has no field {f!r}, which objective {self.objective!r} needs "
-                                     f"(fields: {sorted(images | texts)})")
+                                     f"(fields: {sorted(images | answers | {lead})}; a record holding the whole "
+                                     "conversation gives 'prompt' instead of 'question')")
             for f in images:
                 if not isinstance(r[f], Image.Image):
                     raise TypeError(f"record {i}: {f!r} must be a PIL image, got {type(r[f]).__name__}")
-            for f in texts:
+            for f in answers | {lead}:
                 if not isinstance(r[f], str):
                     raise TypeError(f"record {i}: {f!r} must be a str, got {type(r[f]).__name__}")
+            for f in answers | ({"question"} if lead == "question" else set()):
                 if self.image_token in r[f]:
                     raise ValueError(f"record {i}: {f!r} contains the image token {self.image_token!r}")
+            if lead == "prompt" and r["prompt"].count(self.image_token) != 1:
+                raise ValueError(f"record {i}: 'prompt' must hold the image token {self.image_token!r} once")
 
-    def _prompt(self, question: str) -> tuple[list[int], int, int, int]:
-        """Prompt ids (one image placeholder), the placeholder's index and the question's token span."""
-        text = self._before + question + self._after
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        q0, q1 = len(self._before), len(self._before) + len(question)
-        inside = [i for i, (s, e) in enumerate(offsets) if s >= q0 and e <= q1 and e > s]
-        span = (inside[0], inside[-1] + 1) if inside else (0, 0)
-        return ids, ids.index(self.image_token_id), *span
+    def _encode(self, r: dict) -> prompts.Encoded:
+        answers = {name: r[name] for name in {ROLE_TEXT[k] for k in self.columns}}
+        if "question" in r:
+            return self.format.encode(r["question"], answers)
+        return self._as_written.encode(r["prompt"], answers)
 
-    def _response(self, answer: str) -> list[int]:
-        ids = self.tokenizer(self._after + self._sep + answer, add_special_tokens=False)["input_ids"]
-        n = len(self._anchor)
-        if ids[:n] == self._anchor:
-            ids = ids[n:]
-        else:  # the prompt's tail merged with the answer: tokenize the answer alone
-            ids = self.tokenizer(self._sep + answer, add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id]
-
-    def _images(self, records) -> tuple[list[list[int]], torch.Tensor, list[int], list[bytes]]:
+    def _images(self, records) -> tuple[list[list[int]], torch.Tensor, list[int], list[bytes], set[int]]:
         """Per record the distinct-image index of each column, the pixels of each distinct image,
-        its placeholder count and its digest (of the image's bytes and of the pixels the model
-        sees, so that a cache key also changes with the image processor's settings)."""
+        its placeholder count, its digest (of the image's bytes and of the pixels the model
+        sees, so that a cache key also changes with the image processor's settings), and the
+        entries that :meth:`PreferenceBatch.forward_pixels` crops anew on every forward."""
         role_image = ROLE_IMAGE[self.objective]
         index: dict[bytes, int] = {}
-        distinct, raw, per_record = [], [], []
+        distinct, raw, per_record, recrop = [], [], [], set()
         for r in records:
             row = [-1] * NUM_ROLES
             for k in self.columns:
                 name = role_image[k]
-                if name == "crop":
+                if name == "crop" and self.mdpo_crop == "official":
+                    image, key = r["image"], _image_digest(r["image"]) + b"crop on every forward"
+                elif name == "crop":
                     digest = _image_digest(r["image"])
                     rng = random.Random(hashlib.sha256(f"{self.seed}:".encode() + digest).digest())
                     image = random_crop(r["image"], rng)
+                    key = _image_digest(image)
                 else:
                     image = r[name]
-                key = _image_digest(image)
+                    key = _image_digest(image)
                 if key not in index:
                     index[key] = len(distinct)
                     distinct.append(image)
                     raw.append(key)
+                    if name == "crop" and self.mdpo_crop == "official":
+                        recrop.add(index[key])
                 row[k] = index[key]
             per_record.append(row)
         # The processor itself expands the placeholder, so the token count per image is the
@@ -261,36 +290,51 @@ class PreferenceCollator:
         pixels = out["pixel_values"]
         digests = [d + hashlib.sha256(p.contiguous().numpy().tobytes()).digest()
                    for d, p in zip(raw, pixels, strict=True)]
-        return per_record, pixels, counts, digests
+        return per_record, pixels, counts, digests, recrop
+
+    def _fit(self, enc: prompts.Encoded, img: list[int], counts: list[int]):
+        """``(prompt ids, {column: response ids}, truncated)`` within ``max_length``, or None to drop."""
+        ids, (q0, q1) = enc.prompt, enc.question_span
+        at = ids.index(self.image_token_id)
+        resp = {k: enc.responses[ROLE_TEXT[k]] for k in self.columns}
+        lengths = {k: len(ids) - 1 + counts[img[k]] + len(resp[k]) for k in self.columns}
+        over = max(lengths.values()) - self.max_length
+        if over <= 0:
+            return ids, at, resp, False
+        if self.truncation == "right":
+            # The official code cuts each embedded sequence (image expanded) on the right: the
+            # response loses its tail, </s> first; a sequence left with no label is dropped.
+            cut = {k: resp[k][: max(0, len(resp[k]) - (lengths[k] - self.max_length))] for k in self.columns}
+            return (None if any(not r for r in cut.values()) else (ids, at, cut, True))
+        if self.truncation == "drop" or q1 - q0 - over < 1:
+            return None
+        return ids[: q1 - over] + ids[q1:], at, resp, True
 
     def __call__(self, records) -> PreferenceBatch:
         self._check(records)
-        image_index, pixels, counts, digests = self._images(records)
-        prompts, responses, keys, kept_images = [], [], [], []
+        image_index, pixels, counts, digests, recrop = self._images(records)
+        prompt_rows, responses, keys, kept_images = [], [], [], []
         dropped = truncated = 0
         for r, img in zip(records, image_index, strict=True):
-            ids, at, q0, q1 = self._prompt(r["question"])
-            answers = {name: self._response(r[name]) for name in {ROLE_TEXT[k] for k in self.columns}}
-            longest = max(len(ids) - 1 + counts[img[k]] + len(answers[ROLE_TEXT[k]]) for k in self.columns)
-            over = longest - self.max_length
-            if over > 0:
-                if self.truncation == "drop" or q1 - q0 - over < 1:
-                    dropped += 1
-                    continue
-                ids = ids[: q1 - over] + ids[q1:]
-                truncated += 1
-            # Columns with the same image share one prompt tensor, and one tensor per answer.
+            fit = self._fit(self._encode(r), img, counts)
+            if fit is None:
+                dropped += 1
+                continue
+            ids, at, resp, cut = fit
+            truncated += cut
+            # Columns with the same image share one prompt tensor (and, uncut, one tensor per answer).
             by_image = {i: torch.tensor(ids[:at] + [self.image_token_id] * counts[i] + ids[at + 1:])
                         for i in {img[k] for k in self.columns}}
-            answer_ids = {name: torch.tensor(a) for name, a in answers.items()}
+            by_answer: dict[tuple, torch.Tensor] = {}
             p_row: list[torch.Tensor | None] = [None] * NUM_ROLES
             r_row: list[torch.Tensor | None] = [None] * NUM_ROLES
             h = hashlib.sha256(self.objective.encode())
             for k in self.columns:
-                p_row[k], r_row[k] = by_image[img[k]], answer_ids[ROLE_TEXT[k]]
+                p_row[k] = by_image[img[k]]
+                r_row[k] = by_answer.setdefault(tuple(resp[k]), torch.tensor(resp[k]))
                 h.update(f"{k}:{len(p_row[k])}:{len(r_row[k])}:".encode() + p_row[k].numpy().tobytes()
                          + r_row[k].numpy().tobytes() + digests[img[k]])
-            prompts.append(p_row)
+            prompt_rows.append(p_row)
             responses.append(r_row)
             keys.append(h.hexdigest())
             kept_images.append(img)
@@ -299,7 +343,8 @@ class PreferenceCollator:
         remap = {old: new for new, old in enumerate(used)}
         kept_images = [[remap.get(i, -1) for i in img] for img in kept_images]
         return PreferenceBatch(
-            objective=self.objective, columns=self.columns, prompt_ids=prompts, response_ids=responses,
+            objective=self.objective, columns=self.columns, prompt_ids=prompt_rows, response_ids=responses,
             image_index=kept_images, pixel_values=pixels[used], image_token_id=self.image_token_id,
             pad_token_id=self.pad_token_id, record_keys=keys, num_dropped=dropped, num_truncated=truncated,
+            recrop=tuple(sorted(remap[i] for i in recrop if i in remap)),
         )

@@ -3,7 +3,9 @@
 A record is a dict with our field names::
 
     image            PIL image m
-    question         str x (any "<image>" placeholder removed: the collator places the image)
+    question         str x, verbatim (one "<image>" at its start or end removed: the prompt format places the image)
+    prompt           str, instead of question: the whole conversation up to the assistant's turn, used as
+                     written (mDPO's JSON ships its prompts so)
     chosen           str y_w, the answer grounded in m
     rejected         str y_l, a hallucinated answer
     contrast_image   PIL image m', a minimal edit of m      (SymMPO only)
@@ -15,11 +17,15 @@ plus ``id`` (where it came from, for messages), ``digest`` (of the content) and,
 
 Formats (``load_dataset(path, format="auto")``):
 
-* ``symmpo_parquet``: the official SymMPO data set, a parquet file or a directory of them with
+* ``symmpo_parquet``: the official SymMPO data set, a parquet file or a directory holding them (at
+  its top or in sub-folders, as the Hub's ``data/train-*.parquet``: the train split's files, as
+  ``datasets.load_dataset(DIR)["train"]`` reads them) with
   ``idx, question, resp_1_w, resp_1_l, resp_2_w, image_1, image_2`` (``{"bytes", "path"}``),
   ``image_path_1, image_path_2`` and optionally ``logps`` (JSON: 5 sums, 5 means, 5 per-token
   lists, in the official order 1_w, 1_l, 1_2, 2_w, 2_2 = our ROLES order).  Needs pyarrow.
-* ``mdpo_json``: mDPO's JSON list of ``{img_path, prompt, chosen, rejected}``, prompt with ``<image>``.
+* ``mdpo_json``: mDPO's JSON list of ``{img_path, prompt, chosen, rejected}``; a ``prompt`` that is
+  already a conversation (ends with the assistant's turn, "... ASSISTANT:") is kept as ``prompt``
+  and used as written, a bare one is the question.
 * ``jsonl``: one JSON object a line with our field names, images as paths.
 * ``hf``: a ``datasets`` data set (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` directory) with
   any of the column sets above.  Needs the ``datasets`` package.
@@ -43,7 +49,9 @@ from typing import Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-TEXT_FIELDS = ("question", "chosen", "rejected", "contrast_chosen")
+from .prompts import is_conversation
+
+TEXT_FIELDS = ("question", "prompt", "chosen", "rejected", "contrast_chosen")
 IMAGE_FIELDS = ("image", "contrast_image")
 REQUIRED = {
     "symmpo": ("image", "question", "chosen", "rejected", "contrast_image", "contrast_chosen"),
@@ -51,7 +59,12 @@ REQUIRED = {
     "dpo": ("image", "question", "chosen", "rejected"),
 }
 FORMATS = ("symmpo_parquet", "mdpo_json", "jsonl", "hf")
-_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+IMAGE_PLACEHOLDER = "<image>"
+# How `datasets.load_dataset(DIR)` names a split in a file's path (its default split patterns).
+_SPLIT_WORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation"),
+                "validation": ("validation", "valid", "val", "dev")}
+_SPLIT = {split: re.compile(r"(?:^|[-._ 0-9/])(?:" + "|".join(words) + r")(?:[-._ 0-9/]|$)")
+          for split, words in _SPLIT_WORDS.items()}
 
 
 class BadRecordError(ValueError):
@@ -131,8 +144,11 @@ def normalise_row(row: dict, base: Path | None) -> dict:
         if row.get("idx") is not None:
             out["id"] = str(row["idx"])
     elif "img_path" in row or "prompt" in row:  # mDPO
-        out = {"image": row.get("img_path"), "question": row.get("prompt"), "chosen": row.get("chosen"),
-               "rejected": row.get("rejected")}
+        prompt = row.get("prompt")
+        # mDPO ships the whole conversation ("A chat ... USER: <image>\n{q} ASSISTANT:"): used as
+        # written, never wrapped in the template again; a bare question is a question.
+        key = "prompt" if isinstance(prompt, str) and is_conversation(prompt) else "question"
+        out = {"image": row.get("img_path"), key: prompt, "chosen": row.get("chosen"), "rejected": row.get("rejected")}
     else:  # ours
         out = {k: row.get(k) for k in (*TEXT_FIELDS, *IMAGE_FIELDS)}
         for k in ("id", "meta"):
@@ -154,13 +170,16 @@ def validate(row: dict, objective: str, where: str) -> dict:
         for k in TEXT_FIELDS:
             v = row.get(k)
             if v is None:
-                if k in required:
+                if k in required and not (k == "question" and row.get("prompt") is not None):
                     raise ValueError(f"missing field {k!r}")
                 continue
             if not isinstance(v, str):
                 raise ValueError(f"field {k!r} must be a string, got {type(v).__name__}")
             if k == "question":
-                v = _IMAGE_PLACEHOLDER.sub(" ", v).strip()
+                v = _question(v)
+            elif k == "prompt" and v.count(IMAGE_PLACEHOLDER) != 1:
+                raise ValueError(f"field 'prompt' holds the whole conversation and must place {IMAGE_PLACEHOLDER!r} "
+                                 f"once, found {v.count(IMAGE_PLACEHOLDER)}")
             if not v.strip():
                 raise ValueError(f"field {k!r} is empty")
             rec[k] = v
@@ -190,6 +209,19 @@ def validate(row: dict, objective: str, where: str) -> dict:
         raise BadRecordError(f"{where}: {e}") from None
     rec["digest"] = content_digest(rec, digests)
     return rec
+
+
+def _question(text: str) -> str:
+    """The question verbatim, as the official code uses it, less one image placeholder at its
+    start or end (LLaVA data puts "<image>\\n" there; the prompt format places the image)."""
+    if text.startswith(IMAGE_PLACEHOLDER):
+        text = text[len(IMAGE_PLACEHOLDER):].removeprefix("\n")
+    elif text.endswith(IMAGE_PLACEHOLDER):
+        text = text[: -len(IMAGE_PLACEHOLDER)].removesuffix("\n")
+    if IMAGE_PLACEHOLDER in text:
+        raise ValueError(f"field 'question' holds {IMAGE_PLACEHOLDER!r} inside its text; only one at its start or "
+                         "end is understood (the prompt format places the image)")
+    return text
 
 
 def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> str:
@@ -270,9 +302,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading the official SymMPO parquet needs pyarrow: pip install pyarrow") from None
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"{path}: no .parquet files")
+    files = parquet_files(path) if path.is_dir() else [path]
     for file in files:
         i = 0
         for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
@@ -280,6 +310,24 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
                 idx = f" (idx {row['idx']})" if row.get("idx") is not None else ""
                 yield f"{file}: record {i}{idx}", normalise_row(row, file.parent)
                 i += 1
+
+
+def parquet_files(directory: Path) -> list[Path]:
+    """The train split's parquet files under ``directory``, as ``datasets.load_dataset(DIR)["train"]``
+    finds them: at the top or in sub-folders (the Hub's ``data/train-00000-of-00002.parquet``);
+    where file or folder names name splits, only the train split's."""
+    files = sorted(p for p in directory.rglob("*.parquet")
+                   if not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no .parquet files in it or its sub-folders")
+    named = {split: [p for p in files if rx.search(p.relative_to(directory).as_posix())]
+             for split, rx in _SPLIT.items()}
+    if any(named.values()):
+        if not named["train"]:
+            raise FileNotFoundError(f"{directory}: its parquet files name only the splits "
+                                    f"{[s for s, f in named.items() if f]}, no train split")
+        return named["train"]
+    return files
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
@@ -346,7 +394,7 @@ def detect_format(path: str) -> str:
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             return "hf"
-        if any(p.glob("*.parquet")):
+        if any(p.rglob("*.parquet")):
             return "symmpo_parquet"
         raise ValueError(f"{path}: a directory with neither .parquet files nor a saved `datasets` data set")
     suffix = p.suffix.lower()

@@ -40,6 +40,12 @@ from PIL import Image, ImageDraw
 
 from .formats import PreferenceDataset
 
+# The prompt format of the generated task: the tiny model's own chat template.  The official
+# llava_v1 input adds a 40-token system text that is most of a 2-layer model's context: with it
+# the demo's 200-step warm-up did not learn to use the image (image conditioning 0.00 nats
+# before SymMPO, 0.19 after, 9.8 % correct answers; measured once on this project's CPU).
+PROMPT_FORMAT = "chat_template"
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")
 COUNTS = (1, 2, 3, 4)

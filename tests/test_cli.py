@@ -160,6 +160,7 @@ def test_passthrough_commands_are_delegated(monkeypatch, capsys, command):
 
 @pytest.mark.slow
 def test_demo_quick_on_a_fixed_seed(tmp_path):
+    from symmpo_fast.synthetic import PROMPT_FORMAT
     from symmpo_fast.train.demo import run_demo
 
     summary = run_demo(tmp_path, seed=0, quick=True, log=lambda *a: None)
@@ -175,7 +176,8 @@ def test_demo_quick_on_a_fixed_seed(tmp_path):
     from symmpo_fast.train.model import load_base
 
     model, processor = load_base(str(tmp_path / "symmpo" / "final"), 0, torch.device("cpu"), torch.float32)
-    again = evaluate(model, processor, build_split("heldout", 64), batch_size=32, max_length=256)
+    again = evaluate(model, processor, build_split("heldout", 64), batch_size=32, max_length=256,
+                     prompt_format=PROMPT_FORMAT)
     assert again == pytest.approx(summary["after"])
 
 

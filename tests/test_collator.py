@@ -35,10 +35,11 @@ def test_symmpo_roles_share_prompts_and_answers(processor):
 
 
 def test_ids_are_the_processors_own(processor):
-    """The prompt is what the processor makes of the rendered chat template, and prompt + response
-    is the tokenization of the whole conversation, </s> included."""
+    """prompt_format=chat_template: the prompt is what the processor makes of the rendered chat
+    template, and prompt + response is the tokenization of the whole conversation, </s> included
+    (the default llava_v1 format is checked against the official construction in test_fidelity)."""
     rec = make_records(1, seed=2)[0]
-    batch = PreferenceCollator(processor, "dpo")([rec])
+    batch = PreferenceCollator(processor, "dpo", prompt_format="chat_template")([rec])
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rec["question"]}]}]
     prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     expected = processor(text=[prompt], images=[rec["image"]], return_tensors="pt")["input_ids"][0]
@@ -55,9 +56,9 @@ def test_ids_are_the_processors_own(processor):
 def test_answer_falls_back_to_its_own_tokenization(processor):
     """Where the prompt's tail and the answer would merge into one token, the answer is tokenized
     on its own (still followed by </s>)."""
-    collate = PreferenceCollator(processor, "dpo")
+    collate = PreferenceCollator(processor, "dpo", prompt_format="chat_template")
     rec = make_records(1, seed=12)[0]
-    collate._anchor = [processor.tokenizer.eos_token_id]  # no tail tokenization starts with it
+    collate.format._anchor = [processor.tokenizer.eos_token_id]  # no tail tokenization starts with it
     ids = collate([rec]).response_ids[0][0].tolist()
     alone = processor.tokenizer(" " + rec["chosen"], add_special_tokens=False)["input_ids"]
     assert ids == alone + [processor.tokenizer.eos_token_id]
@@ -146,7 +147,8 @@ def test_truncation_drop_and_question(processor):
         assert torch.equal(cut.response_ids[1][k], full.response_ids[1][k])  # responses never cut
         assert int((cut.prompt_ids[1][k] == cut.image_token_id).sum()) == 16  # nor image tokens
     text = processor.tokenizer.decode(cut.prompt_ids[1][0])
-    assert text.startswith("<s>USER: <image>") and text.endswith(" ASSISTANT:")  # the template stays whole
+    assert text.startswith("<s>A chat between") and " USER: <image>" in text  # the template stays whole
+    assert text.endswith(" ASSISTANT:")
 
     # A response that alone exceeds the limit drops the record under either policy.
     records[2]["chosen"] = " ".join(["red"] * (limit + 5))

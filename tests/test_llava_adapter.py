@@ -249,7 +249,7 @@ def test_symmpo_step_flops(capsys):
         seed=0, image_size=96, patch_size=8, vision_hidden_size=128, vision_intermediate_size=512, vision_heads=4,
         hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
         attn_implementation="eager")
-    records = make_records(2, seed=22, answer_words=(26, 26), question_words=(8, 8), image_side=(96, 97))
+    records = make_records(2, seed=22, answer_words=(32, 32), question_words=(8, 8), image_side=(96, 97))
     batch = PreferenceCollator(processor, "symmpo")(records)
     prefix, response = len(batch.prompt_ids[0][0]), len(batch.response_ids[0][0])
     assert prefix >= 150 and 5 * response <= prefix <= 7 * response

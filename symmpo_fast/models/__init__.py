@@ -104,7 +104,7 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     # (records of the batch with the same picture) goes through the vision tower once, the
     # distinct images in order of first use.
     first = {i: n for n, i in enumerate(dict.fromkeys(rows.image_order))}
-    pixels = batch.pixel_values.to(device)[torch.tensor(list(first), device=device)]
+    pixels = batch.forward_pixels(device)[torch.tensor(list(first), device=device)]
     index = None
     if len(first) < len(rows.image_order):
         index = torch.tensor([first[i] for i in rows.image_order], device=device)
@@ -120,7 +120,7 @@ def _padded_hidden(model, adapter: Adapter, batch):
     gather, labels, seq = u.response_positions()  # on the host, where the ids are
     device = adapter.device
     u = u.to(device)
-    pixels = batch.pixel_values.to(device)[u.image_index]
+    pixels = batch.forward_pixels(device)[u.image_index]
     hidden = adapter.hidden_states(model, u, pixels, u.attention_mask)  # [S, L, D]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(device))
     return hidden, labels.to(device), seq.to(device), u
@@ -130,7 +130,7 @@ def _unpacked_logps(model, adapter: Adapter, batch, average: bool) -> torch.Tens
     """The official layout and head: full rows through ``model.forward``, full-vocabulary log-softmax."""
     device = adapter.device
     u = _packing.unpack(batch).to(device)
-    pixels = batch.pixel_values.to(device)[u.image_index]  # [S, C, H, W]: every row re-encodes its image
+    pixels = batch.forward_pixels(device)[u.image_index]  # [S, C, H, W]: every row re-encodes its image
     logits = model(input_ids=u.input_ids, pixel_values=pixels, attention_mask=u.attention_mask,
                    use_cache=False).logits[:, :-1]  # [S, L-1, V]
     labels = u.labels[:, 1:]

@@ -64,6 +64,21 @@ class LlavaAdapter(Adapter):
         return head.weight, head.bias
 
 
+def clip_image_processor_pil():
+    """The PIL-backed CLIP image processor class.
+
+    The official LLaVA-1.5 / SymMPO code preprocessed images with the PIL CLIP processor; with
+    torchvision installed, transformers 5 picks the torchvision one, whose resize gives other
+    pixels (8.5 % of the values of a LLaVA-1.5 image differ by at least 1/255), so LLaVA-1.5 is
+    pinned to PIL.  Its name changed in transformers 5.5 or so.
+    """
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # older transformers 5: the plain class is the PIL one
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    return CLIPImageProcessorPil
+
+
 def attn_implementations(language_model: str) -> dict[str, str]:
     """Per-part ``attn_implementation``: the requested one for the language model (it receives
     the tree masks), SDPA for the vision tower (plain full attention over one image)."""
@@ -87,7 +102,8 @@ def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
     or a directory written by ``save_pretrained``).
 
     ``attn_implementation`` defaults to ``flex_attention`` on CUDA (block-sparse tree masks) and
-    ``sdpa`` elsewhere; the vision tower always uses SDPA.  ``kwargs`` go to ``from_pretrained``.
+    ``sdpa`` elsewhere; the vision tower always uses SDPA.  The image processor is the PIL one
+    (:func:`clip_image_processor_pil`), whatever transformers would pick.  ``kwargs`` go to ``from_pretrained``.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -100,4 +116,7 @@ def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
         name_or_path, dtype=dtype,
         attn_implementation=attn_implementations(attn_implementation), **kwargs)
     processor = AutoProcessor.from_pretrained(name_or_path)
+    pil = clip_image_processor_pil()
+    if type(processor.image_processor) is not pil:
+        processor.image_processor = pil.from_pretrained(name_or_path)
     return prepare(model.to(device)), processor

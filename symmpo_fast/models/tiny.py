@@ -48,18 +48,14 @@ class TinyLlavaSpec:
 def load_processor(image_size: int = 32, patch_size: int = 8):
     """``LlavaProcessor`` of the tiny model: the shipped tokenizer and a CLIP image processor.
 
-    The PIL-backed CLIP processor is used because it needs nothing beyond Pillow (the torchvision
-    one gives the same pixels within rounding but needs torchvision).
+    The PIL-backed CLIP processor, as for real LLaVA-1.5 checkpoints (:func:`load_llava`).
     """
     from transformers import AutoTokenizer, LlavaProcessor
 
-    try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    except ImportError:  # transformers < 5.5 or so: the PIL-backed one is the plain class
-        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    from .llava import clip_image_processor_pil
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    image_processor = CLIPImageProcessorPil(
+    image_processor = clip_image_processor_pil()(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,

@@ -103,8 +103,20 @@ class TrainConfig:
     skip_bad_records: bool = _f(False, "Skip and count records that fail validation instead of stopping.",
                                 group="data")
     max_length: int = _f(2048, "Longest sequence (prompt + image tokens + response) in tokens.", group="data")
-    truncation: str = _f("drop", "A record longer than max_length: 'drop' it or cut its question ('question'); "
-                         "both are counted.", choices=("drop", "question"), group="data")
+    truncation: str = _f("drop", "A record longer than max_length: 'drop' it, cut its question ('question'), or cut "
+                         "each sequence on the right ('right', the official code's: the response loses its tail); "
+                         "all are counted.", choices=("drop", "question", "right"), group="data")
+    prompt_format: str = _f("auto", "How a question and answer become token ids: 'llava_v1' (the official LLaVA-1.5 / "
+                            "SymMPO training input), 'chat_template' (the processor's own template); 'auto' is the "
+                            "model family's official one. A record whose prompt already holds the conversation "
+                            "(mDPO's JSON) is used as written.", choices=("auto", "llava_v1", "chat_template"),
+                            group="data")
+    system_prompt: str | None = _f(None, "Replaces the prompt format's system text (llava_v1: the official one; "
+                                   "chat_template: none).", group="data")
+    mdpo_crop: str = _f("seeded", "mDPO's cropped image m_l: 'seeded' (one crop of the raw image per record and seed, "
+                        "the same every epoch, so a reference cache can hold it) or 'official' (a new random resized "
+                        "crop of the processed image on every forward, policy and reference apart, as mDPO's code).",
+                        choices=("seeded", "official"), group="data")
     synthetic_records: int = _f(512, "Training records of the synthetic task.", group="data")
     synthetic_eval_records: int = _f(128, "Held-out records of the synthetic task.", group="data")
     num_workers: int = _f(0, "DataLoader worker processes that decode images and collate.", group="data")
@@ -152,6 +164,9 @@ class TrainConfig:
         if self.reference == "adapter" and self.finetune != "lora":
             raise ValueError("reference=adapter needs finetune=lora (the reference is the model with adapters off); "
                              "use reference=copy or cache for full fine-tuning")
+        if self.mdpo_crop == "official" and self.objective == "mdpo" and self.reference_mode in ("cache", "dataset"):
+            raise ValueError("mdpo_crop=official draws a new crop on every forward, so no stored reference log-prob "
+                             "matches it: use reference=adapter or copy, or mdpo_crop=seeded")
         self.objective_config()  # fail early on an invalid objective
 
     # ------------------------------------------------------------------------------------------
@@ -165,6 +180,11 @@ class TrainConfig:
         if self.reference != "auto":
             return self.reference
         return "adapter" if self.finetune == "lora" else "copy"
+
+    def collator_kwargs(self) -> dict:
+        """The :class:`symmpo_fast.data.PreferenceCollator` options this run sets."""
+        return dict(max_length=self.max_length, truncation=self.truncation, seed=self.seed,
+                    prompt_format=self.prompt_format, system_prompt=self.system_prompt, mdpo_crop=self.mdpo_crop)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,7 +219,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """The settings that must not change across --resume (model, objective, data order, batch)."""
         keep = ("model", "finetune", "lora_r", "lora_alpha", "lora_target_modules", "train_vision_tower", "objective",
-                *_OBJECTIVE_FIELDS, "data", "max_records", "synthetic_records", "seed", "global_batch_size")
+                *_OBJECTIVE_FIELDS, "data", "max_records", "synthetic_records", "seed", "global_batch_size",
+                "prompt_format", "system_prompt", "mdpo_crop", "truncation", "max_length")
         return json.dumps({k: getattr(self, k) for k in keep}, sort_keys=True)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..data import PreferenceCollator
 from ..models import build_tiny_llava, sequence_logps
-from ..synthetic import SyntheticConfig, build_split
+from ..synthetic import PROMPT_FORMAT, SyntheticConfig, build_split
 from .config import TrainConfig
 from .evaluate import evaluate
 from .model import load_base
@@ -39,14 +39,15 @@ def demo_config(output_dir: str | Path, sft_dir: str | Path, seed: int = 0, quic
         objective="symmpo", data="synthetic", synthetic_records=256 if quick else 2048,
         eval_data="synthetic", synthetic_eval_records=64 if quick else EVAL_RECORDS, eval_steps=0,
         learning_rate=1e-3, lr_scheduler="cosine", warmup_ratio=0.1, global_batch_size=32, micro_batch_size=16,
-        max_steps=8 if quick else 192, max_length=256, save_steps=0, keep_checkpoints=1, tensorboard=False,
+        max_steps=8 if quick else 192, max_length=256, prompt_format=PROMPT_FORMAT, save_steps=0, keep_checkpoints=1,
+        tensorboard=False,
     )
 
 
 def supervised_warmup(model, processor, steps: int, seed: int, records: int = SFT_RECORDS, log=print) -> list[float]:
     """Maximise log p(y_w | m, x) per token on the sft split; returns the loss per step."""
     data = build_split("sft", records, SyntheticConfig())
-    collator = PreferenceCollator(processor, "dpo", max_length=256, seed=seed)
+    collator = PreferenceCollator(processor, "dpo", max_length=256, seed=seed, prompt_format=PROMPT_FORMAT)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=SFT_LR, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -120,7 +121,7 @@ def _run_demo(out: Path, seed: int, quick: bool, log) -> dict:
     processor.save_pretrained(str(sft_dir))
 
     log(f"[2/4] evaluating the warmed-up model on {len(heldout)} held-out records (the prior is broken there)")
-    before = evaluate(model, processor, heldout, batch_size=32, max_length=256, seed=seed)
+    before = evaluate(model, processor, heldout, batch_size=32, max_length=256, seed=seed, prompt_format=PROMPT_FORMAT)
 
     cfg = demo_config(out / "symmpo", sft_dir, seed=seed, quick=quick)
     log(f"[3/4] SymMPO: {cfg.max_steps} steps of {cfg.global_batch_size} records, reference = the warmed-up model")
@@ -128,7 +129,8 @@ def _run_demo(out: Path, seed: int, quick: bool, log) -> dict:
 
     log("[4/4] evaluating the SymMPO model")
     trained, processor = load_base(str(out / "symmpo" / "final"), seed, torch.device("cpu"), torch.float32)
-    after = evaluate(trained, processor, heldout, batch_size=32, max_length=256, seed=seed)
+    after = evaluate(trained, processor, heldout, batch_size=32, max_length=256, seed=seed,
+                     prompt_format=PROMPT_FORMAT)
 
     seconds = time.perf_counter() - t0
     table = format_table(before, after)

@@ -75,29 +75,30 @@ def logp_metrics(logps_fn, dataset: PreferenceDataset, collator: PreferenceColla
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, dataset: PreferenceDataset, batch_size: int = 32,
-                   max_new_tokens: int = 16) -> list[str]:
-    """The model's greedy answer to each record's question about its image m."""
+def greedy_answers(model, processor, dataset: PreferenceDataset, batch_size: int = 32, max_new_tokens: int = 16,
+                   prompt_format: str = "auto", system_prompt: str | None = None) -> list[str]:
+    """The model's greedy answer to each record's question about its image m, asked in the prompt
+    format the model was trained with (the collator's prompt for y_w given m, left-padded)."""
     base = unwrap(model)
     device = base.get_input_embeddings().weight.device
     tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"  # generation continues every row at its end
+    collator = PreferenceCollator(processor, "dpo", max_length=10**9, prompt_format=prompt_format,
+                                  system_prompt=system_prompt)
+    pad = collator.pad_token_id
     answers: list[str] = []
-    try:
-        for s in range(0, len(dataset), batch_size):
-            recs = [dataset[j] for j in range(s, min(s + batch_size, len(dataset)))]
-            prompts = [processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-                add_generation_prompt=True, tokenize=False) for r in recs]
-            inputs = processor(images=[r["image"] for r in recs], text=prompts, return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(base.dtype)
-            out = base.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
+    for s in range(0, len(dataset), batch_size):
+        batch = collator([dataset[j] for j in range(s, min(s + batch_size, len(dataset)))])
+        prompts = [row[0] for row in batch.prompt_ids]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):  # generation continues every row at its end: pad on the left
+            ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+        pixels = batch.pixel_values[[row[0] for row in batch.image_index]].to(device, base.dtype)
+        out = base.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
+                            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                            pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        answers += [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
     return answers
 
 
@@ -113,15 +114,17 @@ def hallucination_metrics(answers: list[str], dataset: PreferenceDataset, prefix
 
 def evaluate(model, processor, dataset: PreferenceDataset, batch_size: int = 16, packing: str = "shared_prefix",
              backend: str = "auto", generate: bool = True, max_length: int = 2048, seed: int = 0,
-             prefix: str = "eval/") -> dict[str, float]:
+             prefix: str = "eval/", prompt_format: str = "auto", system_prompt: str | None = None) -> dict[str, float]:
     """Every metric of the module docstring for one model on one held-out data set (one process)."""
     was_training = model.training
     model.eval()
     try:
-        collator = PreferenceCollator(processor, eval_objective(dataset), max_length=max_length, seed=seed)
+        collator = PreferenceCollator(processor, eval_objective(dataset), max_length=max_length, seed=seed,
+                                      prompt_format=prompt_format, system_prompt=system_prompt)
         out = logp_metrics(lambda b: sequence_logps(model, b, packing, backend), dataset, collator, batch_size, prefix)
         if generate and any("meta" in r for r in dataset.records):
-            answers = greedy_answers(model, processor, dataset, batch_size=max(batch_size, 32))
+            answers = greedy_answers(model, processor, dataset, batch_size=max(batch_size, 32),
+                                     prompt_format=prompt_format, system_prompt=system_prompt)
             out.update(hallucination_metrics(answers, dataset, prefix))
     finally:
         model.train(was_training)
@@ -144,5 +147,12 @@ def run_eval(cfg, generate: bool = True) -> dict[str, float]:
     if (Path(name) / "final").is_dir():  # a training output directory
         name = str(Path(name) / "final")
     model, processor = load_base(name, cfg.seed, device, compute_dtype(cfg, device))
+    prompt_format, system_prompt = cfg.prompt_format, cfg.system_prompt
+    trained = Path(name) / "train_config.yaml"
+    if prompt_format == "auto" and system_prompt is None and trained.exists():
+        # An exported run is asked in the prompt format it was trained with.
+        run_cfg = type(cfg).from_yaml(trained)
+        prompt_format, system_prompt = run_cfg.prompt_format, run_cfg.system_prompt
     return evaluate(model, processor, data, batch_size=max(cfg.micro_batch_size, 16), packing=cfg.packing,
-                    backend=cfg.backend, generate=generate, max_length=cfg.max_length, seed=cfg.seed)
+                    backend=cfg.backend, generate=generate, max_length=cfg.max_length, seed=cfg.seed,
+                    prompt_format=prompt_format, system_prompt=system_prompt)

@@ -127,17 +127,22 @@ class StepSchedule:
 
 
 def lr_lambda(total: int, warmup_ratio: float, kind: str) -> Callable[[int], float]:
+    """The learning-rate multiplier at each optimizer step, as transformers' schedules give it
+    (``get_{cosine,linear,constant}_schedule_with_warmup`` with ``ceil(warmup_ratio * total)``
+    warm-up steps, as HF's Trainer and so the official SymMPO scripts use them): ``step / warmup``
+    during the warm-up, so the first step runs at 0, then cosine or linear decay to 0 at
+    ``total``, or constant."""
     warmup = math.ceil(warmup_ratio * total)
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return max(0.0, (total - step) / max(1, total - warmup))
 
     return f
 
@@ -292,8 +297,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     dataset = load_data(cfg)
     eval_data = load_eval_data(cfg)
     models = build(cfg, device)
-    collator = PreferenceCollator(models.processor, cfg.objective, max_length=cfg.max_length,
-                                  truncation=cfg.truncation, seed=cfg.seed)
+    collator = PreferenceCollator(models.processor, cfg.objective, **cfg.collator_kwargs())
     root = PreferenceModule(models.policy, objective, cfg.packing, cfg.backend)
     ref_root = PreferenceModule(models.reference, objective, cfg.packing, cfg.backend) if models.reference else None
     train_root = root
@@ -392,8 +396,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def _evaluate(root, eval_data, models: Models, cfg: TrainConfig, device) -> dict:
-    collator = PreferenceCollator(models.processor, eval_objective(eval_data), max_length=cfg.max_length,
-                                  truncation=cfg.truncation, seed=cfg.seed)
+    collator = PreferenceCollator(models.processor, eval_objective(eval_data), **cfg.collator_kwargs())
     root.eval()
     try:
         def fwd(batch):

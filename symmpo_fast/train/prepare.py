@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import formats
 
 
-def _length_report(dataset: formats.PreferenceDataset, model: str, objective: str, max_length: int, seed: int) -> dict:
+def _length_report(dataset: formats.PreferenceDataset, model: str, objective: str, max_length: int, seed: int,
+                   prompt_format: str = "auto") -> dict:
     from ..data import PreferenceCollator
     from ..models import load_processor
 
@@ -26,7 +27,7 @@ def _length_report(dataset: formats.PreferenceDataset, model: str, objective: st
 
         processor = AutoProcessor.from_pretrained(model)
     # The longest sequence of every record, measured with no length limit.
-    collator = PreferenceCollator(processor, objective, max_length=10**9, seed=seed)
+    collator = PreferenceCollator(processor, objective, max_length=10**9, seed=seed, prompt_format=prompt_format)
     longest = []
     for i in range(len(dataset)):
         batch = collator([dataset[i]])
@@ -58,7 +59,7 @@ def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
 
 def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", image_root: str = "",
             skip_bad_records: bool = False, output: str = "", model: str = "", max_length: int = 2048,
-            seed: int = 0) -> dict:
+            seed: int = 0, prompt_format: str = "auto") -> dict:
     """Validate ``data`` for ``objective``; returns the report that the command prints."""
     dataset = formats.load_dataset(data, data_format, objective=objective, image_root=image_root,
                                    skip_bad_records=skip_bad_records)
@@ -74,7 +75,7 @@ def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", ima
         "fingerprint": dataset.fingerprint(),
     }
     if model:
-        report.update(_length_report(dataset, model, objective, max_length, seed))
+        report.update(_length_report(dataset, model, objective, max_length, seed, prompt_format))
     if output:
         report["written"] = _write(dataset, output, seed)
     return report

@@ -93,8 +93,7 @@ def precompute(cfg) -> Path:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     dataset = load_data(cfg)
     model, processor, dtype, fingerprint = build_reference(cfg, device)
-    collator = PreferenceCollator(processor, cfg.objective, max_length=cfg.max_length, truncation=cfg.truncation,
-                                  seed=cfg.seed)
+    collator = PreferenceCollator(processor, cfg.objective, **cfg.collator_kwargs())
     average = cfg.objective_config().average_logps
     keys: list[str] = []
     rows: list[torch.Tensor] = []
