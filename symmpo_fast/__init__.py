@@ -25,12 +25,12 @@ __all__ = [
 ]
 
 # Heavier submodules (transformers, PIL) load on first use: `sf.data`, `sf.models`, `sf.train`.
-_LAZY = {"data", "models", "packing", "train", "nn", "cli"}
+_LAZY = {"data", "models", "layouts", "packing", "prompts", "train", "nn", "cli"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
     if name == "sequence_logps":
-        return importlib.import_module(".models", __name__).sequence_logps
+        return importlib.import_module(".layouts", __name__).sequence_logps
     raise AttributeError(f"module 'symmpo_fast' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 A new family (Qwen2.5-VL, LLaVA-NeXT) is one file with one subclass of :class:`Adapter`, added
 to ``ADAPTERS`` in :mod:`symmpo_fast.models`.  The packed forward
-(:func:`symmpo_fast.models.sequence_logps`), with ``rows`` from :func:`symmpo_fast.packing.pack`::
+(:func:`symmpo_fast.layouts.sequence_logps`), with ``rows`` from :func:`symmpo_fast.packing.pack`::
 
     pixels = batch.pixel_values[rows.image_order]       # one image per prefix: 2 per SymMPO record
     hidden = adapter.hidden_states(model, rows, pixels, mask)   # [R, L, D], final norm applied

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ..data import PreferenceCollator
-from ..models import build_tiny_llava, sequence_logps
+from ..layouts import sequence_logps
+from ..models import build_tiny_llava
 from ..synthetic import PROMPT_FORMAT, SyntheticConfig, build_split
 from .config import TrainConfig
 from .evaluate import evaluate

@@ -21,7 +21,8 @@ import torch
 
 from ..data import PreferenceCollator
 from ..formats import PreferenceDataset
-from ..models import sequence_logps, unwrap
+from ..layouts import sequence_logps
+from ..models import unwrap
 from ..objectives import CHOSEN, CONTRAST_CHOSEN, CONTRAST_REJECTED, PAIR_REJECTED, REJECTED
 from ..synthetic import judge
 from . import distributed as dist_utils

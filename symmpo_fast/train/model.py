@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import build_tiny_llava, forward_preference, load_llava, reference_logps, sequence_logps, unwrap
+from ..layouts import forward_preference, reference_logps, sequence_logps
+from ..models import build_tiny_llava, load_llava, unwrap
 from ..objectives import ObjectiveConfig
 from .config import TrainConfig
 

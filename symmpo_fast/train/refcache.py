@@ -84,7 +84,7 @@ def precompute(cfg) -> Path:
     from tqdm.auto import tqdm
 
     from ..data import PreferenceCollator
-    from ..models import reference_logps
+    from ..layouts import reference_logps
     from . import distributed as dist_utils
     from .loop import load_data
     from .model import autocast, build_reference
