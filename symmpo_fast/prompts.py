@@ -130,41 +130,60 @@ class LlavaV1:
 
 
 class ChatTemplate:
-    """The processor's own chat template; see the module docstring."""
+    """The processor's (or a text tokenizer's) own chat template; see the module docstring.
+
+    The answer's labels are what the template puts after the generation prompt for the
+    assistant's turn: the answer, then the template's end of turn (``</s>``, ``<|im_end|>\\n``,
+    ``<|eot_id|>``, ...), as TRL takes a conversational completion; EOS is appended only where
+    the template ends a turn with nothing.  ``image_token`` None: a text-only template, whose
+    messages hold plain strings.
+    """
 
     name = "chat_template"
 
-    def __init__(self, processor, image_token: str, image_token_id: int, system_prompt: str | None = None):
-        self.processor, self.tokenizer = processor, processor.tokenizer
+    def __init__(self, processor, image_token: str | None, image_token_id: int | None,
+                 system_prompt: str | None = None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError("prompt_format=chat_template, but the processor / tokenizer has no chat template; "
+                             "give records a 'prompt' (used as written) or use a model that ships a template")
         self.image_token, self.image_token_id, self.system_prompt = image_token, image_token_id, system_prompt
-        self._before, self._after, self._sep = self._pieces()
+        self._before, self._after, self._sep, self._end = self._pieces()
         # The answer is tokenized after the prompt's tail, so that tokenizers which treat a text's
         # start specially (SentencePiece's prefix space) give the ids the model sees in context.
         self._anchor = self.tokenizer(self._after, add_special_tokens=False)["input_ids"]
 
     def _messages(self, question: str, answer: str | None = None) -> list[dict]:
+        def content(text, image=False):
+            if self.image_token is None:
+                return text
+            return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+
         msgs = []
         if self.system_prompt is not None:
-            msgs.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+            msgs.append({"role": "system", "content": content(self.system_prompt)})
+        msgs.append({"role": "user", "content": content(question, image=True)})
         if answer is not None:
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            msgs.append({"role": "assistant", "content": content(answer)})
         return msgs
 
-    def _pieces(self) -> tuple[str, str, str]:
+    def _pieces(self) -> tuple[str, str, str, str]:
         """(text before the question, text after it up to the generation prompt's end, separator
-        between the generation prompt and the answer), from rendering the template once."""
+        between the generation prompt and the answer, the end of the assistant's turn), from
+        rendering the template once."""
         render = self.processor.apply_chat_template
         prompt = render(self._messages(_SENTINEL_Q), add_generation_prompt=True, tokenize=False)
         full = render(self._messages(_SENTINEL_Q, _SENTINEL_A), add_generation_prompt=False, tokenize=False)
         before, _, after = prompt.partition(_SENTINEL_Q)
-        if before.count(self.image_token) != 1 or self.image_token in after:
+        if self.image_token is not None and (before.count(self.image_token) != 1 or self.image_token in after):
             raise ValueError(f"the chat template must place one {self.image_token!r} before the question; "
                              f"it renders {prompt!r}")
         if not full.startswith(prompt) or _SENTINEL_A not in full[len(prompt):]:
             raise ValueError("the chat template's assistant turn does not continue its generation prompt: "
                              f"{prompt!r} vs {full!r}")
-        return before, after, full[len(prompt):].partition(_SENTINEL_A)[0]
+        sep, _, end = full[len(prompt):].partition(_SENTINEL_A)
+        return before, after, sep, end
 
     def encode(self, question: str, answers: dict[str, str]) -> Encoded:
         text = self._before + question + self._after
@@ -176,13 +195,14 @@ class ChatTemplate:
         return Encoded(ids, {name: self.response(a) for name, a in answers.items()}, span)
 
     def response(self, answer: str) -> list[int]:
-        ids = self.tokenizer(self._after + self._sep + answer, add_special_tokens=False)["input_ids"]
+        tail = self._sep + answer + self._end
+        ids = self.tokenizer(self._after + tail, add_special_tokens=False)["input_ids"]
         n = len(self._anchor)
         if ids[:n] == self._anchor:
             ids = ids[n:]
         else:  # the prompt's tail merged with the answer: tokenize the answer alone
-            ids = self.tokenizer(self._sep + answer, add_special_tokens=False)["input_ids"]
-        return ids + [self.tokenizer.eos_token_id]
+            ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        return ids if self._end.strip() else ids + [self.tokenizer.eos_token_id]
 
 
 class AsWritten:

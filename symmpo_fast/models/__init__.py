@@ -21,8 +21,9 @@ from .llava import LlavaAdapter, load_llava
 from .tiny import build_tiny_llava, load_processor
 
 __all__ = [
-    "Adapter", "LlavaAdapter", "ADAPTERS", "adapter_for", "unwrap", "find_peft", "build_tiny_llava",
-    "load_processor", "load_llava", "sequence_logps", "reference_logps", "forward_preference", "PACKINGS",
+    "Adapter", "LlavaAdapter", "ADAPTERS", "TINY_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny",
+    "build_tiny_llava", "load_model", "load_processor", "load_llava", "sequence_logps", "reference_logps",
+    "forward_preference", "PACKINGS",
 ]
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
@@ -60,6 +61,29 @@ def adapter_for(model) -> Adapter:
         if cls.accepts(base):
             return cls(base)
     raise TypeError(f"no adapter for {type(base).__name__}; supported: {[a.__name__ for a in ADAPTERS]}")
+
+
+TINY_MODELS = {"tiny": build_tiny_llava}
+"""Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA."""
+
+
+def build_tiny(name: str, seed: int = 0):
+    """``(model, processor)`` of the tiny model ``name`` (a key of :data:`TINY_MODELS`)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; expected one of {sorted(TINY_MODELS)}")
+    return TINY_MODELS[name](seed=seed)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device, attn_implementation: str | None = None, **kwargs):
+    """``(model, processor)`` of any supported checkpoint: the family is read from its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    for cls in ADAPTERS:
+        if cls.accepts_config(config):
+            return cls.load(name_or_path, dtype, torch.device(device), attn_implementation, **kwargs)
+    raise ValueError(f"{name_or_path}: model type {config.model_type!r} is not a supported family; supported: "
+                     f"{[cls.family for cls in ADAPTERS]}")
 
 
 def __getattr__(name: str):

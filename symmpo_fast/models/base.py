@@ -28,7 +28,17 @@ import torch
 
 
 class Adapter:
-    """Wraps one unwrapped model (no peft / DDP shell: the LoRA layers live inside its modules)."""
+    """Wraps one unwrapped model (no peft / DDP shell: the LoRA layers live inside its modules).
+
+    A family also says how it is loaded (:meth:`accepts_config`, :meth:`load`) and which of its
+    parts a trainer touches (:attr:`vision_tower`, :meth:`full_finetune_modules`,
+    :meth:`lora_target_regex`), so that the trainer names no family.
+    """
+
+    family: str = ""
+    """Short name, as the README and the error messages say it (``llava``, ``qwen2_5_vl``, ...)."""
+    has_images: bool = True
+    """False for text-only families: no image placeholder, no vision tower; DPO only."""
 
     def __init__(self, model):
         self.model = model
@@ -36,6 +46,31 @@ class Adapter:
     @staticmethod
     def accepts(model) -> bool:
         """Whether this adapter handles ``model``."""
+        raise NotImplementedError
+
+    @classmethod
+    def accepts_config(cls, config) -> bool:
+        """Whether this family loads the checkpoint whose ``AutoConfig`` is ``config``."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None,
+             **kwargs):
+        """``(model, processor)`` of a checkpoint of this family (a Hub id or a local directory)."""
+        raise NotImplementedError
+
+    @property
+    def vision_tower(self) -> torch.nn.Module | None:
+        """The vision encoder (frozen by default; one FSDP unit), None for text-only families."""
+        return None
+
+    def full_finetune_modules(self) -> list[torch.nn.Module]:
+        """What ``finetune=full`` trains: the language model, the projector, the LM head."""
+        raise NotImplementedError
+
+    def lora_target_regex(self, modules: list[str]) -> str:
+        """peft's ``target_modules`` regex for the named linear layers of the language model only
+        (a vision tower's attention has ``q_proj`` / ``k_proj`` / ``v_proj`` too)."""
         raise NotImplementedError
 
     @property

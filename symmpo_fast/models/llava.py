@@ -21,11 +21,31 @@ from .base import Adapter
 class LlavaAdapter(Adapter):
     """:class:`Adapter` for ``LlavaForConditionalGeneration`` (``llava-hf/llava-1.5-*-hf`` layout)."""
 
+    family = "llava"
+
     @staticmethod
     def accepts(model) -> bool:
         from transformers import LlavaForConditionalGeneration
 
         return isinstance(model, LlavaForConditionalGeneration)
+
+    @classmethod
+    def accepts_config(cls, config) -> bool:
+        return config.model_type == "llava"
+
+    @classmethod
+    def load(cls, name_or_path, dtype, device, attn_implementation=None, **kwargs):
+        return load_llava(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation, **kwargs)
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    def full_finetune_modules(self) -> list[torch.nn.Module]:
+        return [self.model.model.language_model, self.model.model.multi_modal_projector, self.model.lm_head]
+
+    def lora_target_regex(self, modules: list[str]) -> str:
+        return r".*language_model.*\.(" + "|".join(modules) + r")$"
 
     @property
     def image_token_id(self) -> int:

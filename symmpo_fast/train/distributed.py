@@ -80,13 +80,6 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def vision_tower(model: nn.Module) -> nn.Module | None:
-    for name, m in model.named_modules():
-        if name.endswith("vision_tower"):
-            return m
-    return None
-
-
 def shard_fsdp(root: nn.Module, model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 over all processes: each decoder block, the vision tower, then ``root`` (which holds ``model``).
 
@@ -102,7 +95,9 @@ def shard_fsdp(root: nn.Module, model: nn.Module, param_dtype: torch.dtype | Non
     kw = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
     for block in decoder_blocks(model):
         fully_shard(block, **kw)
-    tower = vision_tower(model)
+    from ..models import adapter_for
+
+    tower = adapter_for(model).vision_tower
     if tower is not None:
         # One unit, but made of the tower's children: fully_shard swaps the class of the module it
         # wraps, and transformers (5.x) looks the tower's output-capture rules up by class name,

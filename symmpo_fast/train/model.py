@@ -19,11 +19,10 @@ import torch
 from torch import nn
 
 from ..layouts import forward_preference, reference_logps, sequence_logps
-from ..models import build_tiny_llava, load_llava, unwrap
+from ..models import TINY_MODELS, adapter_for, build_tiny, load_model, unwrap
 from ..objectives import ObjectiveConfig
 from .config import TrainConfig
 
-TINY = "tiny"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -75,11 +74,6 @@ class Models:
     fingerprint: str  # of the weights the reference uses (the base model)
 
 
-def _lora_target_regex(modules: list[str]) -> str:
-    # The language model only: the vision tower's attention has q_proj/k_proj/v_proj too.
-    return r".*language_model.*\.(" + "|".join(modules) + r")$"
-
-
 def weights_fingerprint(model: nn.Module) -> str:
     """A hash of every non-LoRA weight's name, shape, dtype and summary statistics.
 
@@ -98,9 +92,9 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def load_base(name: str, seed: int, device: torch.device, dtype: torch.dtype):
-    """``(model, processor)`` of 'tiny', a Hub name, or a directory (a full checkpoint or an exported run)."""
-    if name == TINY:
-        model, processor = build_tiny_llava(seed=seed)
+    """``(model, processor)`` of a tiny model, a Hub name, or a directory (a full checkpoint or an exported run)."""
+    if name in TINY_MODELS:
+        model, processor = build_tiny(name, seed=seed)
         return model.to(device=device, dtype=dtype), processor
     path = Path(name)
     if (path / "adapter_config.json").exists():
@@ -110,7 +104,7 @@ def load_base(name: str, seed: int, device: torch.device, dtype: torch.dtype):
             f"model {name!r} is a path (not 'tiny', not a Hub id like 'llava-hf/llava-1.5-7b-hf') but no such "
             f"directory exists here; runs write theirs under output_dir (`symmpo-fast demo` writes runs/demo/sft, "
             f"which configs/demo.yaml starts from)")
-    return load_llava(name, dtype=dtype, device=device)
+    return load_model(name, dtype=dtype, device=device)
 
 
 def load_exported_lora(path: Path, device: torch.device, dtype: torch.dtype):
@@ -139,21 +133,23 @@ def build(cfg: TrainConfig, device: torch.device) -> Models:
         reference = copy.deepcopy(model).to(dtype=dtype).eval()
 
     base = unwrap(model)
+    adapter = adapter_for(base)
     if cfg.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=_lora_target_regex(cfg.lora_target_modules))
+                          target_modules=adapter.lora_target_regex(cfg.lora_target_modules))
         model = get_peft_model(model, lora)  # adapters are created float32 and trainable
     else:
-        base.model.language_model.requires_grad_(True)
-        base.model.multi_modal_projector.requires_grad_(True)
-        base.lm_head.requires_grad_(True)
+        for module in adapter.full_finetune_modules():
+            module.requires_grad_(True)
     if cfg.train_vision_tower:
         if cfg.finetune == "lora":
             raise ValueError("train_vision_tower needs finetune=full: with LoRA the reference is the base model, "
                              "which a trained vision tower would change")
-        base.model.vision_tower.requires_grad_(True)
+        if adapter.vision_tower is None:
+            raise ValueError(f"train_vision_tower: a {adapter.family} model has no vision tower")
+        adapter.vision_tower.requires_grad_(True)
 
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with FSDP2's hooks.
@@ -181,7 +177,7 @@ def _apply_liger(base: nn.Module) -> None:
     except ImportError:
         warnings.warn("liger=true but liger-kernel is not installed: pip install liger-kernel; continuing without it")
         return
-    lm = base.model.language_model
+    lm = adapter_for(base).language_model
     try:
         _apply_liger_kernel_to_instance(model=lm, cross_entropy=False, fused_linear_cross_entropy=False)
     except (TypeError, ValueError, NotImplementedError) as e:
