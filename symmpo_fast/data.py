@@ -85,7 +85,8 @@ class PreferenceBatch:
     image_index: list[list[int]]
     pixel_values: torch.Tensor
     """[num_images, C, H, W] float, each distinct image once."""
-    image_token_id: int
+    image_token_id: int | None
+    """The image placeholder id (None for a text-only model)."""
     pad_token_id: int
     record_keys: list[str]
     """sha256 per record over the objective, every used role's token ids, its image's bytes and
@@ -208,22 +209,35 @@ class PreferenceCollator:
         self.processor, self.objective, self.max_length = processor, objective, max_length
         self.truncation, self.seed, self.mdpo_crop = truncation, seed, mdpo_crop
         self.columns = COLUMNS[objective]
-        self.tokenizer = tok = processor.tokenizer
+        # A text-only model's "processor" is its tokenizer: no image processor, no placeholder.
+        self.has_images = hasattr(processor, "image_processor")
+        self.tokenizer = tok = processor.tokenizer if self.has_images else processor
         if tok.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: the end-of-turn label needs one")
-        self.image_token = processor.image_token
-        self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.format = prompts.make_format(processor, prompt_format, system_prompt)
-        self.prompt_format = self.format.name
-        self._as_written = prompts.AsWritten(tok, self.image_token, self.image_token_id)
+        if self.has_images:
+            self.image_token = processor.image_token
+            self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+            self.format = prompts.make_format(processor, prompt_format, system_prompt)
+            self._as_written = prompts.AsWritten(tok, self.image_token, self.image_token_id)
+        else:
+            if objective != "dpo":
+                raise ValueError(f"objective {objective!r} needs images (m, and m' or the crop m_l); a text-only "
+                                 "model trains with objective dpo")
+            if prompt_format not in ("auto", "chat_template"):
+                raise ValueError(f"prompt_format={prompt_format!r} is for vision-language models; a text-only model "
+                                 "uses its tokenizer's chat template ('auto' or 'chat_template')")
+            self.image_token = self.image_token_id = None
+            self.format = prompts.Conversation(tok, system_prompt) if tok.chat_template is not None else None
+            self._as_written = prompts.Completion(tok)
+        self.prompt_format = self.format.name if self.format is not None else "as_written"
 
     # ------------------------------------------------------------------------------------------
 
     def _check(self, records) -> None:
         if not isinstance(records, (list, tuple)) or not records:
             raise ValueError(f"the collator needs a non-empty list of records, got {type(records).__name__}")
-        images = {c for c in ROLE_IMAGE[self.objective] if c not in (None, "crop")}
+        images = {c for c in ROLE_IMAGE[self.objective] if c not in (None, "crop")} if self.has_images else set()
         answers = {ROLE_TEXT[k] for k in self.columns}
         for i, r in enumerate(records):
             if not isinstance(r, dict):
@@ -237,9 +251,17 @@ class PreferenceCollator:
             for f in images:
                 if not isinstance(r[f], Image.Image):
                     raise TypeError(f"record {i}: {f!r} must be a PIL image, got {type(r[f]).__name__}")
+            # Text models take conversational records (lists of messages) too, as TRL does.
+            kinds = (str,) if self.has_images else (str, list)
             for f in answers | {lead}:
-                if not isinstance(r[f], str):
-                    raise TypeError(f"record {i}: {f!r} must be a str, got {type(r[f]).__name__}")
+                if not isinstance(r[f], kinds):
+                    raise TypeError(f"record {i}: {f!r} must be a str{'' if self.has_images else ' or a list of messages'}"
+                                    f", got {type(r[f]).__name__}")
+            if not self.has_images:
+                if isinstance(r[lead], str) and lead == "question" and self.format is None:
+                    raise ValueError(f"record {i}: a 'question' needs a chat template, which this tokenizer lacks; "
+                                     "give a 'prompt' (used as written) instead")
+                continue
             for f in answers | ({"question"} if lead == "question" else set()):
                 if self.image_token in r[f]:
                     raise ValueError(f"record {i}: {f!r} contains the image token {self.image_token!r}")
@@ -250,6 +272,10 @@ class PreferenceCollator:
         answers = {name: r[name] for name in {ROLE_TEXT[k] for k in self.columns}}
         if "question" in r:
             return self.format.encode(r["question"], answers)
+        if not self.has_images and isinstance(r["prompt"], list):
+            if self.format is None:
+                raise ValueError("a conversational record needs a chat template, which this tokenizer lacks")
+            return self.format.encode(r["prompt"], answers)
         return self._as_written.encode(r["prompt"], answers)
 
     def _images(self, records) -> tuple[list[list[int]], torch.Tensor, list[int], list[bytes], set[int]]:
@@ -257,6 +283,8 @@ class PreferenceCollator:
         its placeholder count, its digest (of the image's bytes and of the pixels the model
         sees, so that a cache key also changes with the image processor's settings), and the
         entries that :meth:`PreferenceBatch.forward_pixels` crops anew on every forward."""
+        if not self.has_images:
+            return [[-1] * NUM_ROLES for _ in records], torch.zeros(0), [], [], set()
         role_image = ROLE_IMAGE[self.objective]
         index: dict[bytes, int] = {}
         distinct, raw, per_record, recrop = [], [], [], set()
@@ -295,9 +323,10 @@ class PreferenceCollator:
     def _fit(self, enc: prompts.Encoded, img: list[int], counts: list[int]):
         """``(prompt ids, {column: response ids}, truncated)`` within ``max_length``, or None to drop."""
         ids, (q0, q1) = enc.prompt, enc.question_span
-        at = ids.index(self.image_token_id)
+        at = ids.index(self.image_token_id) if self.has_images else None
         resp = {k: enc.responses[ROLE_TEXT[k]] for k in self.columns}
-        lengths = {k: len(ids) - 1 + counts[img[k]] + len(resp[k]) for k in self.columns}
+        image_tokens = {k: counts[img[k]] - 1 if at is not None else 0 for k in self.columns}
+        lengths = {k: len(ids) + image_tokens[k] + len(resp[k]) for k in self.columns}
         over = max(lengths.values()) - self.max_length
         if over <= 0:
             return ids, at, resp, False
@@ -323,7 +352,7 @@ class PreferenceCollator:
             ids, at, resp, cut = fit
             truncated += cut
             # Columns with the same image share one prompt tensor (and, uncut, one tensor per answer).
-            by_image = {i: torch.tensor(ids[:at] + [self.image_token_id] * counts[i] + ids[at + 1:])
+            by_image = {i: torch.tensor(ids if at is None else ids[:at] + [self.image_token_id] * counts[i] + ids[at + 1:])
                         for i in {img[k] for k in self.columns}}
             by_answer: dict[tuple, torch.Tensor] = {}
             p_row: list[torch.Tensor | None] = [None] * NUM_ROLES
@@ -333,7 +362,7 @@ class PreferenceCollator:
                 p_row[k] = by_image[img[k]]
                 r_row[k] = by_answer.setdefault(tuple(resp[k]), torch.tensor(resp[k]))
                 h.update(f"{k}:{len(p_row[k])}:{len(r_row[k])}:".encode() + p_row[k].numpy().tobytes()
-                         + r_row[k].numpy().tobytes() + digests[img[k]])
+                         + r_row[k].numpy().tobytes() + (digests[img[k]] if img[k] >= 0 else b""))
             prompt_rows.append(p_row)
             responses.append(r_row)
             keys.append(h.hexdigest())

@@ -30,6 +30,13 @@ Formats (``load_dataset(path, format="auto")``):
 * ``hf``: a ``datasets`` data set (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` directory) with
   any of the column sets above.  Needs the ``datasets`` package.
 
+Text preference data (``load_dataset(..., images=False)``, for text-only models and DPO): JSONL,
+JSON or ``datasets`` rows in TRL's columns, ``prompt`` / ``chosen`` / ``rejected``, plain strings
+(the prompt used as written) or conversational lists of ``{role, content}`` messages (a row
+without ``prompt`` has it extracted: the messages both answers start with), or ``question``
+instead of ``prompt`` (put in the model's chat template).  A row with none of the image columns
+is a text row.
+
 Every record is validated before training starts: a missing field, a wrong type, an empty
 response, or a missing or unreadable image stops with :class:`BadRecordError` naming the file and
 the record, unless ``skip_bad_records`` is set, in which case it is skipped and counted in
@@ -60,6 +67,8 @@ REQUIRED = {
 }
 FORMATS = ("symmpo_parquet", "mdpo_json", "jsonl", "hf")
 IMAGE_PLACEHOLDER = "<image>"
+# Any of these columns makes a row a vision-language record; rows with none are text records.
+_IMAGE_KEYS = ("image", "contrast_image", "img_path", "image_1", "image_2", "image_path_1", "image_path_2", "images")
 # How `datasets.load_dataset(DIR)` names a split in a file's path (its default split patterns).
 _SPLIT_WORDS = {"train": ("train", "training"), "test": ("test", "testing", "eval", "evaluation"),
                 "validation": ("validation", "valid", "val", "dev")}
@@ -128,8 +137,39 @@ def _official_logps(raw) -> dict[str, list[float]]:
     return {"sum": [float(v) for v in value[:5]], "mean": [float(v) for v in value[5:10]]}
 
 
+def _common_messages(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _text_row(row: dict) -> dict:
+    """Text preference data in TRL's columns: ``prompt`` (a string used as written, or a list of
+    messages), ``chosen``, ``rejected`` (strings or lists of messages), or ``question`` (put in the
+    chat template); conversational rows without ``prompt`` have it extracted as TRL does: the
+    messages ``chosen`` and ``rejected`` start with in common."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    out: dict = {}
+    if row.get("question") is not None:
+        out["question"] = row["question"]
+    elif prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
+        n = _common_messages(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if "question" not in out:
+        out["prompt"] = prompt
+    out.update(chosen=chosen, rejected=rejected)
+    if row.get("id") is not None:
+        out["id"] = str(row["id"])
+    return out
+
+
 def normalise_row(row: dict, base: Path | None) -> dict:
     """Map any supported column set to our field names (values not yet validated)."""
+    if not any(k in row for k in _IMAGE_KEYS):  # text: TRL's prompt / chosen / rejected, plain or conversational
+        out = _text_row(row)
+        out["_base"] = base
+        return out
     if "resp_1_w" in row:  # official SymMPO
         out = {"question": row.get("question"), "chosen": row.get("resp_1_w"), "rejected": row.get("resp_1_l"),
                "contrast_chosen": row.get("resp_2_w")}
@@ -156,6 +196,44 @@ def normalise_row(row: dict, base: Path | None) -> dict:
                 out[k] = row[k]
     out["_base"] = base
     return out
+
+
+def _messages(value, field: str, roles: tuple[str, ...]) -> list[dict]:
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in value):
+        raise ValueError(f"field {field!r} must be a non-empty list of {{role, content}} messages with string content")
+    bad = [m["role"] for m in value if m["role"] not in roles]
+    if bad:
+        raise ValueError(f"field {field!r} has a message of role {bad[0]!r}; expected one of {roles}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def validate_text(row: dict, where: str) -> dict:
+    """One validated text record (DPO): ``prompt`` or ``question``, ``chosen``, ``rejected``."""
+    if "_error" in row:
+        raise BadRecordError(f"{where}: {row['_error']}")
+    rec: dict = {"id": str(row.get("id", where))}
+    try:
+        if any(row.get(k) is not None for k in IMAGE_FIELDS):
+            raise ValueError("the record has an image, which a text-only model cannot see: train a vision-language "
+                             "model on it, or give text data")
+        lead = "question" if row.get("question") is not None else "prompt"
+        for k in (lead, "chosen", "rejected"):
+            v = row.get(k)
+            if v is None:
+                raise ValueError(f"missing field {k!r}" + (" (or 'question')" if k == "prompt" else ""))
+            if isinstance(v, list) and k != "question":
+                v = _messages(v, k, ("system", "user", "assistant", "tool") if k == "prompt" else ("assistant",))
+            elif not isinstance(v, str):
+                raise ValueError(f"field {k!r} must be a string{'' if k == 'question' else ' or a list of messages'}, "
+                                 f"got {type(v).__name__}")
+            elif not v.strip():
+                raise ValueError(f"field {k!r} is empty")
+            rec[k] = v
+    except ValueError as e:
+        raise BadRecordError(f"{where}: {e}") from None
+    rec["digest"] = content_digest(rec)
+    return rec
 
 
 def validate(row: dict, objective: str, where: str) -> dict:
@@ -228,7 +306,8 @@ def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> st
     """Hash of a record's texts and decoded image pixels: the data set's fingerprint is built from it."""
     h = hashlib.sha256()
     for k in TEXT_FIELDS:
-        h.update(f"{k}\0{rec.get(k, '')}\0".encode())
+        value = rec.get(k, "")
+        h.update(f"{k}\0{value if isinstance(value, str) else json.dumps(value, sort_keys=True)}\0".encode())
     for k in IMAGE_FIELDS:
         if k in rec:
             h.update(((image_digests or {}).get(k) or _pixels_digest(open_image(rec[k]))).encode())
@@ -275,13 +354,15 @@ class PreferenceDataset:
 
 
 def _collect(rows: Iterator[tuple[str, dict]], source: str, objective: str, skip_bad_records: bool,
-             max_records: int) -> PreferenceDataset:
+             max_records: int, images: bool = True) -> PreferenceDataset:
     if objective not in REQUIRED:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(REQUIRED)}")
+    if not images and objective != "dpo":
+        raise ValueError(f"objective {objective!r} needs images; text data trains with objective dpo")
     records, skipped = [], []
     for where, row in rows:
         try:
-            records.append(validate(row, objective, where))
+            records.append(validate(row, objective, where) if images else validate_text(row, where))
         except BadRecordError as e:
             if not skip_bad_records:
                 raise BadRecordError(f"{e} (pass --skip-bad-records to skip bad records and count them)") from None
@@ -408,8 +489,9 @@ def detect_format(path: str) -> str:
 
 
 def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", image_root: str = "",
-                 skip_bad_records: bool = False, max_records: int = 0) -> PreferenceDataset:
-    """Read and validate a preference data set; see the module docstring for the formats."""
+                 skip_bad_records: bool = False, max_records: int = 0, images: bool = True) -> PreferenceDataset:
+    """Read and validate a preference data set; see the module docstring for the formats.
+    ``images=False``: text preference data for a text-only model (DPO)."""
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "hf":
         source, rows = _read_hf(path)
@@ -424,7 +506,7 @@ def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", ima
         rows = reader(p)
     if image_root:
         rows = ((w, {**r, "_base": Path(image_root)}) for w, r in rows)
-    return _collect(rows, source, objective, skip_bad_records, max_records)
+    return _collect(rows, source, objective, skip_bad_records, max_records, images)
 
 
 def write_jsonl(dataset: PreferenceDataset, out_dir: str | Path, name: str = "data.jsonl") -> Path:

@@ -51,6 +51,13 @@ def _tree_mask(adapter: Adapter, rows, dtype: torch.dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def _pixels(batch, device, index) -> torch.Tensor | None:
+    """The pixels of the distinct images ``index`` as one forward sees them; None for text."""
+    if not batch.pixel_values.numel():
+        return None
+    return batch.forward_pixels(device)[torch.as_tensor(index, dtype=torch.long, device=device)]
+
+
 def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     """``(hidden [T, D], rows)``: the hidden state that predicts each response label, packed."""
     impl = adapter.attn_implementation
@@ -60,13 +67,14 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
                          f"sequence, any attention, fused head)")
     flex = impl == "flex_attention"
     rows = _packing.pack(batch, row_tokens or (FLEX_ROW_TOKENS if flex else None), pad_to=FLEX_BLOCK if flex else 8)
+    adapter.check_rows(rows)
     device = adapter.device
     rows = rows.to(device)
     # One image per prefix, in the rows' placeholder order; an image that several prefixes share
     # (records of the batch with the same picture) goes through the vision tower once, the
     # distinct images in order of first use.
     first = {i: n for n, i in enumerate(dict.fromkeys(rows.image_order))}
-    pixels = batch.forward_pixels(device)[torch.tensor(list(first), device=device)]
+    pixels = _pixels(batch, device, list(first))
     index = None
     if len(first) < len(rows.image_order):
         index = torch.tensor([first[i] for i in rows.image_order], device=device)
@@ -82,7 +90,7 @@ def _padded_hidden(model, adapter: Adapter, batch):
     gather, labels, seq = u.response_positions()  # on the host, where the ids are
     device = adapter.device
     u = u.to(device)
-    pixels = batch.forward_pixels(device)[u.image_index]
+    pixels = _pixels(batch, device, u.image_index)
     hidden = adapter.hidden_states(model, u, pixels, u.attention_mask)  # [S, L, D]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(device))
     return hidden, labels.to(device), seq.to(device), u
@@ -92,9 +100,8 @@ def _unpacked_logps(model, adapter: Adapter, batch, average: bool) -> torch.Tens
     """The official layout and head: full rows through ``model.forward``, full-vocabulary log-softmax."""
     device = adapter.device
     u = _packing.unpack(batch).to(device)
-    pixels = batch.forward_pixels(device)[u.image_index]  # [S, C, H, W]: every row re-encodes its image
-    logits = model(input_ids=u.input_ids, pixel_values=pixels, attention_mask=u.attention_mask,
-                   use_cache=False).logits[:, :-1]  # [S, L-1, V]
+    pixels = _pixels(batch, device, u.image_index)  # [S, C, H, W]: every row re-encodes its image
+    logits = model(**adapter.sequence_kwargs(u, pixels)).logits[:, :-1]  # [S, L-1, V]: the model's own head
     labels = u.labels[:, 1:]
     valid = labels != _packing.IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -128,7 +135,8 @@ def sequence_logps(model, batch, packing: str = "shared_prefix", backend: str = 
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq = rows.labels, rows.seq_index
     weight, bias = adapter.output_head()
-    tok = token_logps(hidden, weight, labels, bias=bias, backend=backend)  # [T] fp32
+    tok = token_logps(hidden, weight, labels, bias=bias, softcap=adapter.logit_softcap,
+                      temperature=adapter.logit_temperature, backend=backend)  # [T] fp32
     return _sequence_sums(tok, seq, batch.num_records, average)
 
 
@@ -180,7 +188,8 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq, real_tokens = rows.labels, rows.seq_index, rows.num_tokens
     weight, bias = adapter.output_head()
-    loss, metrics = fused_preference_loss(hidden, weight, labels, seq, ref_logps, cfg, backend=backend, bias=bias)
+    loss, metrics = fused_preference_loss(hidden, weight, labels, seq, ref_logps, cfg, backend=backend, bias=bias,
+                                          softcap=adapter.logit_softcap, temperature=adapter.logit_temperature)
     metrics["packing/rows"] = torch.tensor(float(rows.input_ids.shape[0]), device=loss.device)
     metrics["packing/fill"] = torch.tensor(real_tokens / rows.input_ids.numel(), device=loss.device)
     return loss, metrics

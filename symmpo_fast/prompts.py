@@ -134,20 +134,16 @@ class ChatTemplate:
 
     The answer's labels are what the template puts after the generation prompt for the
     assistant's turn: the answer, then the template's end of turn (``</s>``, ``<|im_end|>\\n``,
-    ``<|eot_id|>``, ...), as TRL takes a conversational completion; EOS is appended only where
-    the template ends a turn with nothing.  ``image_token`` None: a text-only template, whose
-    messages hold plain strings.
+    ...), as TRL takes a conversational completion; EOS is appended only where the template ends
+    a turn with nothing.
     """
 
     name = "chat_template"
 
-    def __init__(self, processor, image_token: str | None, image_token_id: int | None,
-                 system_prompt: str | None = None):
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+    def __init__(self, processor, image_token: str, image_token_id: int, system_prompt: str | None = None):
+        self.processor, self.tokenizer = processor, processor.tokenizer
         if getattr(processor, "chat_template", None) is None:
-            raise ValueError("prompt_format=chat_template, but the processor / tokenizer has no chat template; "
-                             "give records a 'prompt' (used as written) or use a model that ships a template")
+            raise ValueError("prompt_format=chat_template, but the processor has no chat template")
         self.image_token, self.image_token_id, self.system_prompt = image_token, image_token_id, system_prompt
         self._before, self._after, self._sep, self._end = self._pieces()
         # The answer is tokenized after the prompt's tail, so that tokenizers which treat a text's
@@ -155,17 +151,12 @@ class ChatTemplate:
         self._anchor = self.tokenizer(self._after, add_special_tokens=False)["input_ids"]
 
     def _messages(self, question: str, answer: str | None = None) -> list[dict]:
-        def content(text, image=False):
-            if self.image_token is None:
-                return text
-            return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-
         msgs = []
         if self.system_prompt is not None:
-            msgs.append({"role": "system", "content": content(self.system_prompt)})
-        msgs.append({"role": "user", "content": content(question, image=True)})
+            msgs.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
         if answer is not None:
-            msgs.append({"role": "assistant", "content": content(answer)})
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return msgs
 
     def _pieces(self) -> tuple[str, str, str, str]:
@@ -176,7 +167,7 @@ class ChatTemplate:
         prompt = render(self._messages(_SENTINEL_Q), add_generation_prompt=True, tokenize=False)
         full = render(self._messages(_SENTINEL_Q, _SENTINEL_A), add_generation_prompt=False, tokenize=False)
         before, _, after = prompt.partition(_SENTINEL_Q)
-        if self.image_token is not None and (before.count(self.image_token) != 1 or self.image_token in after):
+        if before.count(self.image_token) != 1 or self.image_token in after:
             raise ValueError(f"the chat template must place one {self.image_token!r} before the question; "
                              f"it renders {prompt!r}")
         if not full.startswith(prompt) or _SENTINEL_A not in full[len(prompt):]:
@@ -219,6 +210,71 @@ class AsWritten:
         eos = self.tokenizer.eos_token_id
         return Encoded(ids, {name: self.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos]
                              for name, a in answers.items()}, (0, 0))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split_at_common_prefix(prompt_ids: list[int], fulls: dict[str, list[int]]) -> Encoded:
+    """TRL's rule (``DPOTrainer``'s tokenization): each completion starts where the tokenized
+    prompt and the tokenized prompt + completion diverge, the same point for every answer."""
+    n = min(_common_prefix(prompt_ids, full) for full in fulls.values())
+    responses = {name: full[n:] for name, full in fulls.items()}
+    empty = [name for name, r in responses.items() if not r]
+    if empty:
+        raise ValueError(f"the {empty[0]!r} answer adds no token to the prompt")
+    return Encoded(prompt_ids[:n], responses, (0, 0))
+
+
+class Conversation:
+    """A text LM's chat template, tokenized as TRL's ``DPOTrainer`` does for conversational data:
+    ``apply_chat_template(prompt, add_generation_prompt=True)`` for the prompt, the whole
+    conversation for each answer (so the labels end with the template's end of turn), split at
+    their common prefix.  A question becomes one user turn (after ``system_prompt``'s, if given);
+    a list of messages is the prompt as it is."""
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer, system_prompt: str | None = None):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this tokenizer has no chat template, so a 'question' cannot be put in a conversation: "
+                             "give the records a 'prompt' (a string used as written, or a list of messages)")
+        self.tokenizer, self.system_prompt = tokenizer, system_prompt
+
+    def _ids(self, messages: list[dict], generation: bool) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True,
+                                                 return_dict=True)
+        return list(out["input_ids"])
+
+    def encode(self, prompt: str | list[dict], answers: dict[str, str | list[dict]]) -> Encoded:
+        if isinstance(prompt, str):
+            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+            prompt = system + [{"role": "user", "content": prompt}]
+        turns = {name: a if isinstance(a, list) else [{"role": "assistant", "content": a}]
+                 for name, a in answers.items()}
+        return _split_at_common_prefix(self._ids(prompt, True),
+                                       {name: self._ids(prompt + t, False) for name, t in turns.items()})
+
+
+class Completion:
+    """Plain text (no template), as TRL's ``DPOTrainer`` takes non-conversational data: the prompt as
+    written, EOS appended to each answer that lacks it, ``tokenizer(prompt)`` and
+    ``tokenizer(prompt + answer)`` split at their common prefix."""
+
+    name = "as_written"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, prompt: str, answers: dict[str, str]) -> Encoded:
+        eos = self.tokenizer.eos_token
+        ids = {name: self.tokenizer(prompt + (a if a.endswith(eos) else a + eos))["input_ids"]
+               for name, a in answers.items()}
+        return _split_at_common_prefix(self.tokenizer(prompt)["input_ids"], ids)
 
 
 def family_default(processor) -> str:

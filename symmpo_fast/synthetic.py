@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .formats import PreferenceDataset
+from .formats import PreferenceDataset, content_digest
 
 # The prompt format of the generated task: the tiny model's own chat template.  The official
 # llava_v1 input adds a 40-token system text that is most of a 2-layer model's context: with it
@@ -209,6 +209,24 @@ def build_split(split: str, num_records: int, cfg: SyntheticConfig = SyntheticCo
     """``num_records`` records of ``split`` (sft, train, heldout, iid) as a :class:`PreferenceDataset`."""
     records = [make_record(cfg, split, i) for i in range(num_records)]
     return PreferenceDataset(records, f"synthetic:{split}")
+
+
+def build_text_split(split: str, num_records: int, seed: int = 0) -> PreferenceDataset:
+    """A text-only preference task for text LMs (DPO): questions about the shapes vocabulary
+    with one right and one wrong answer, no image.  ``split`` and ``seed`` pick the draws."""
+    rng = random.Random(f"text:{split}:{seed}")
+    records = []
+    for i in range(num_records):
+        shape, colour = rng.choice(SHAPES), rng.choice(COLOURS)
+        wrong = rng.choice([c for c in COLOURS if c != colour])
+        n = rng.choice(COUNTS)
+        noun, verb = (shape, "is") if n == 1 else (shape + ("es" if shape.endswith("s") else "s"), "are")
+        records.append({"id": f"synthetic:text:{split}:{i}",
+                        "question": f"There {verb} {COUNT_WORDS[n]} {colour} {noun}. What colour {verb} the {noun}?",
+                        "chosen": f"The {noun} {verb} {colour}.", "rejected": f"The {noun} {verb} {wrong}."})
+    for rec in records:
+        rec["digest"] = content_digest(rec)
+    return PreferenceDataset(records, f"synthetic:text:{split}")
 
 
 # ----------------------------------------------------------------------------------------------

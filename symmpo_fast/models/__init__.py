@@ -17,16 +17,19 @@ import importlib
 import torch
 
 from .base import Adapter
+from .causal_lm import CausalLMAdapter
 from .llava import LlavaAdapter, load_llava
 from .tiny import build_tiny_llava, load_processor
+from .tiny_text import FAMILIES as _TEXT_FAMILIES
+from .tiny_text import build_tiny_text
 
 __all__ = [
-    "Adapter", "LlavaAdapter", "ADAPTERS", "TINY_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny",
-    "build_tiny_llava", "load_model", "load_processor", "load_llava", "sequence_logps", "reference_logps",
+    "Adapter", "LlavaAdapter", "CausalLMAdapter", "ADAPTERS", "TINY_MODELS", "TINY_TEXT_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny",
+    "build_tiny_llava", "build_tiny_text", "load_model", "load_processor", "load_llava", "sequence_logps", "reference_logps",
     "forward_preference", "PACKINGS",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, CausalLMAdapter]
 _LAYOUT_NAMES = ("sequence_logps", "reference_logps", "forward_preference", "PACKINGS")
 
 
@@ -63,8 +66,11 @@ def adapter_for(model) -> Adapter:
     raise TypeError(f"no adapter for {type(base).__name__}; supported: {[a.__name__ for a in ADAPTERS]}")
 
 
-TINY_MODELS = {"tiny": build_tiny_llava}
-"""Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA."""
+TINY_TEXT_MODELS = tuple(_TEXT_FAMILIES)
+TINY_MODELS = {"tiny": build_tiny_llava,
+               **{name: (lambda seed=0, _n=name: build_tiny_text(_n, seed=seed)) for name in _TEXT_FAMILIES}}
+"""Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA,
+``tiny-llama`` / ``tiny-qwen2`` / ``tiny-gemma2`` the text LMs of :mod:`.tiny_text`."""
 
 
 def build_tiny(name: str, seed: int = 0):

@@ -107,9 +107,29 @@ class Adapter:
         """Keyword arguments of the model's ``forward`` for the packed rows."""
         raise NotImplementedError
 
+    def sequence_kwargs(self, rows, pixel_values: torch.Tensor) -> dict:
+        """Keyword arguments of the model's ``forward`` for the official layout's padded rows
+        (:class:`symmpo_fast.packing.UnpackedRows`, one image per row), full logits wanted."""
+        return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=rows.attention_mask,
+                    use_cache=False)
+
+    def check_rows(self, rows) -> None:
+        """Raise where the packed ``rows`` would not be exact for this model (e.g. longer than a
+        sliding window that a tree mask does not apply)."""
+
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's ``weight [V, D]`` and ``bias [V]`` (or None)."""
         raise NotImplementedError
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """``softcap`` of the fused head: the model's own final logit soft-capping, if any."""
+        return None
+
+    @property
+    def logit_temperature(self) -> float:
+        """``temperature`` of the fused head: 1 / the model's logit scale, if any."""
+        return 1.0
 
     def image_feature_hook(self, index: torch.Tensor):
         """A context manager under which the model, given each distinct image once as

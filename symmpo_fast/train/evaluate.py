@@ -32,7 +32,10 @@ PAIRS = {"dpo": (CHOSEN, REJECTED), "pair_m": (CHOSEN, PAIR_REJECTED),
 
 
 def eval_objective(dataset: PreferenceDataset) -> str:
-    """SymMPO's five columns when the data has contrast images and answers, else mDPO's (crop as m')."""
+    """SymMPO's five columns when the data has contrast images and answers, else mDPO's (crop as
+    m'); DPO's two for text data."""
+    if not dataset.has_fields(("image",)):
+        return "dpo"
     return "symmpo" if dataset.has_fields(("contrast_image", "contrast_chosen")) else "mdpo"
 
 
@@ -45,6 +48,7 @@ def logp_metrics(logps_fn, dataset: PreferenceDataset, collator: PreferenceColla
     """
     cols = set(collator.columns)
     pairs = {k: v for k, v in PAIRS.items() if set(v) <= cols}
+    images = CONTRAST_REJECTED in cols  # text data (DPO) has no image conditioning to measure
     rank, world = dist_utils.rank(), dist_utils.world_size()
     # sums: [records, image drop, image drop > 0, one per pair]
     sums = torch.zeros(3 + len(pairs), dtype=torch.float64)
@@ -62,14 +66,16 @@ def logp_metrics(logps_fn, dataset: PreferenceDataset, collator: PreferenceColla
         logps = logps_fn(batch).double().cpu()
         if not own:
             continue
-        drop = logps[:, CHOSEN] - logps[:, CONTRAST_REJECTED]
+        drop = logps[:, CHOSEN] - logps[:, CONTRAST_REJECTED] if images else torch.zeros(len(logps))
         row = [float(batch.num_records), drop.sum().item(), (drop > 0).double().sum().item()]
         row += [(logps[:, w] > logps[:, lose]).double().sum().item() for w, lose in pairs.values()]
         sums += torch.tensor(row, dtype=torch.float64)
     dist_utils.all_reduce_sum(sums)
     n = max(sums[0].item(), 1.0)
-    out = {f"{prefix}records": int(sums[0].item()), f"{prefix}image_conditioning": sums[1].item() / n,
-           f"{prefix}image_conditioning_positive": sums[2].item() / n}
+    out = {f"{prefix}records": int(sums[0].item())}
+    if images:
+        out.update({f"{prefix}image_conditioning": sums[1].item() / n,
+                    f"{prefix}image_conditioning_positive": sums[2].item() / n})
     for j, name in enumerate(pairs):
         out[f"{prefix}accuracy/{name}"] = sums[3 + j].item() / n
     return out
@@ -138,15 +144,15 @@ def run_eval(cfg, generate: bool = True) -> dict[str, float]:
     from pathlib import Path
 
     from .loop import load_eval_data
-    from .model import compute_dtype, load_base
+    from .model import compute_dtype, load_base, model_has_images
 
-    data = load_eval_data(cfg)
-    if data is None:
-        raise ValueError("eval needs --eval-data (a data file, or 'synthetic' for the generated held-out split)")
-    device = dist_utils.init()
     name = cfg.model
     if (Path(name) / "final").is_dir():  # a training output directory
         name = str(Path(name) / "final")
+    data = load_eval_data(cfg, model_has_images(name))
+    if data is None:
+        raise ValueError("eval needs --eval-data (a data file, or 'synthetic' for the generated held-out split)")
+    device = dist_utils.init()
     model, processor = load_base(name, cfg.seed, device, compute_dtype(cfg, device))
     prompt_format, system_prompt = cfg.prompt_format, cfg.system_prompt
     trained = Path(name) / "train_config.yaml"

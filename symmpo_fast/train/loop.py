@@ -25,12 +25,12 @@ import torch
 
 from .. import formats
 from ..data import PreferenceCollator
-from ..synthetic import SyntheticConfig, build_split
+from ..synthetic import SyntheticConfig, build_split, build_text_split
 from . import distributed as dist_utils
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .evaluate import eval_objective, logp_metrics
-from .model import Models, PreferenceModule, autocast, build, export
+from .model import Models, PreferenceModule, autocast, build, export, model_has_images
 from .progress import MetricsLogger
 from .refcache import ReferenceCache, cache_fingerprint
 
@@ -39,21 +39,35 @@ from .refcache import ReferenceCache, cache_fingerprint
 # data
 
 
-def load_data(cfg: TrainConfig) -> formats.PreferenceDataset:
+def check_model_and_objective(cfg: TrainConfig) -> bool:
+    """Whether the run's model sees images; mDPO and SymMPO on a text-only model are refused here,
+    before anything is loaded."""
+    images = model_has_images(cfg.model)
+    if not images and cfg.objective != "dpo":
+        raise ValueError(f"objective {cfg.objective} needs images (m, and m' or mDPO's crop m_l), and {cfg.model} is a "
+                         "text-only model: train it with --objective dpo")
+    return images
+
+
+def load_data(cfg: TrainConfig, images: bool = True) -> formats.PreferenceDataset:
+    """The training data; ``images=False``: text preference data for a text-only model."""
     if cfg.data == "synthetic" or cfg.data_format == "synthetic":
-        return build_split("train", cfg.max_records or cfg.synthetic_records, SyntheticConfig())
+        n = cfg.max_records or cfg.synthetic_records
+        return build_split("train", n, SyntheticConfig()) if images else build_text_split("train", n)
     return formats.load_dataset(cfg.data, cfg.data_format, objective=cfg.objective, image_root=cfg.image_root,
-                                skip_bad_records=cfg.skip_bad_records, max_records=cfg.max_records)
+                                skip_bad_records=cfg.skip_bad_records, max_records=cfg.max_records, images=images)
 
 
-def load_eval_data(cfg: TrainConfig) -> formats.PreferenceDataset | None:
+def load_eval_data(cfg: TrainConfig, images: bool = True) -> formats.PreferenceDataset | None:
     if not cfg.eval_data:
         return None
     if cfg.eval_data == "synthetic":
+        if not images:
+            return build_text_split("heldout", cfg.synthetic_eval_records)
         return build_split("heldout", cfg.synthetic_eval_records, SyntheticConfig())
     # Evaluation needs y_w, y_l and m; contrast fields are used when every record has them.
     return formats.load_dataset(cfg.eval_data, "auto", objective="dpo", image_root=cfg.image_root,
-                                skip_bad_records=cfg.skip_bad_records)
+                                skip_bad_records=cfg.skip_bad_records, images=images)
 
 
 class _Indexed:
@@ -294,8 +308,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     seed_everything(cfg.seed)
     objective = cfg.objective_config()
 
-    dataset = load_data(cfg)
-    eval_data = load_eval_data(cfg)
+    images = check_model_and_objective(cfg)
+    dataset = load_data(cfg, images)
+    eval_data = load_eval_data(cfg, images)
     models = build(cfg, device)
     collator = PreferenceCollator(models.processor, cfg.objective, **cfg.collator_kwargs())
     root = PreferenceModule(models.policy, objective, cfg.packing, cfg.backend)

@@ -91,19 +91,45 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _check_path(name: str) -> None:
+    path = Path(name)
+    if name not in TINY_MODELS and not path.is_dir() and (name.count("/") > 1 or name.startswith((".", "/", "~"))
+                                                          or path.exists()):
+        raise FileNotFoundError(
+            f"model {name!r} is a path (not a tiny model {sorted(TINY_MODELS)}, not a Hub id like "
+            f"'llava-hf/llava-1.5-7b-hf') but no such directory exists here; runs write theirs under output_dir "
+            f"(`symmpo-fast demo` writes runs/demo/sft, which configs/demo.yaml starts from)")
+
+
+def model_has_images(name: str) -> bool:
+    """Whether model ``name`` (a tiny model, a Hub id, a directory, an exported run) is a
+    vision-language model, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    from ..models import ADAPTERS, TINY_TEXT_MODELS
+
+    if name in TINY_MODELS:
+        return name not in TINY_TEXT_MODELS
+    _check_path(name)
+    if (Path(name) / "adapter_config.json").exists():
+        return model_has_images(TrainConfig.from_yaml(Path(name) / "train_config.yaml").model)
+    config = AutoConfig.from_pretrained(name)
+    for cls in ADAPTERS:
+        if cls.accepts_config(config):
+            return cls.has_images
+    raise ValueError(f"{name}: model type {config.model_type!r} is not a supported family; supported: "
+                     f"{[cls.family for cls in ADAPTERS]}")
+
+
 def load_base(name: str, seed: int, device: torch.device, dtype: torch.dtype):
     """``(model, processor)`` of a tiny model, a Hub name, or a directory (a full checkpoint or an exported run)."""
     if name in TINY_MODELS:
         model, processor = build_tiny(name, seed=seed)
         return model.to(device=device, dtype=dtype), processor
+    _check_path(name)
     path = Path(name)
     if (path / "adapter_config.json").exists():
         return load_exported_lora(path, device, dtype)
-    if not path.is_dir() and (name.count("/") > 1 or name.startswith((".", "/", "~")) or path.exists()):
-        raise FileNotFoundError(
-            f"model {name!r} is a path (not 'tiny', not a Hub id like 'llava-hf/llava-1.5-7b-hf') but no such "
-            f"directory exists here; runs write theirs under output_dir (`symmpo-fast demo` writes runs/demo/sft, "
-            f"which configs/demo.yaml starts from)")
     return load_model(name, dtype=dtype, device=device)
 
 

@@ -86,12 +86,12 @@ def precompute(cfg) -> Path:
     from ..data import PreferenceCollator
     from ..layouts import reference_logps
     from . import distributed as dist_utils
-    from .loop import load_data
+    from .loop import check_model_and_objective, load_data
     from .model import autocast, build_reference
 
     device = dist_utils.init()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    dataset = load_data(cfg)
+    dataset = load_data(cfg, check_model_and_objective(cfg))
     model, processor, dtype, fingerprint = build_reference(cfg, device)
     collator = PreferenceCollator(processor, cfg.objective, **cfg.collator_kwargs())
     average = cfg.objective_config().average_logps
