@@ -118,8 +118,12 @@ class Adapter:
         sliding window that a tree mask does not apply)."""
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's ``weight [V, D]`` and ``bias [V]`` (or None)."""
-        raise NotImplementedError
+        """The LM head's ``weight [V, D]`` and ``bias [V]`` (or None): the model's output embeddings."""
+        head = self.model.get_output_embeddings()
+        if hasattr(head, "base_layer"):
+            raise NotImplementedError("a LoRA adapter on lm_head is not supported by the fused head: "
+                                      "leave lm_head out of target_modules (or train it fully)")
+        return head.weight, head.bias
 
     @property
     def logit_softcap(self) -> float | None:

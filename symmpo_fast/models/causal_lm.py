@@ -90,13 +90,6 @@ class CausalLMAdapter(Adapter):
     def sequence_kwargs(self, rows, pixel_values) -> dict:
         return dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
 
-    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        head = self.model.get_output_embeddings()
-        if hasattr(head, "base_layer"):
-            raise NotImplementedError("a LoRA adapter on lm_head is not supported by the fused head: "
-                                      "leave lm_head out of target_modules (or train it fully)")
-        return head.weight, head.bias
-
     def full_finetune_modules(self) -> list[torch.nn.Module]:
         return [self.model.model, self.model.lm_head]
 

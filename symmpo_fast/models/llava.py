@@ -76,13 +76,6 @@ class LlavaAdapter(Adapter):
         finally:
             handle.remove()
 
-    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        head = self.model.get_output_embeddings()
-        if hasattr(head, "base_layer"):
-            raise NotImplementedError("a LoRA adapter on lm_head is not supported by the fused head: "
-                                      "leave lm_head out of target_modules (or train it fully)")
-        return head.weight, head.bias
-
 
 def clip_image_processor_pil():
     """The PIL-backed CLIP image processor class.
