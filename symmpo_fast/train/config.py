@@ -230,7 +230,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             old, new = saved.get(f.name, default), getattr(self, f.name)
-            if old == new:
+            if old == new or f.name in ("resume", "overwrite"):  # how to start, not what to train
                 continue
             change = f"{f.name} {old!r} -> {new!r}"
             if f.name in RESUME_MAY_CHANGE:
@@ -268,7 +268,7 @@ RESUME_MAY_CHANGE = {
     "micro_batch_size": "gradient accumulation changes, the global batch does not",
     "parallel": "the checkpoint's layout must fit (an FSDP checkpoint needs FSDP and its number of processes)",
     "gradient_checkpointing": _SPEED, "liger": _SPEED, "backend": _SPEED, "packing": _SPEED, "num_workers": _SPEED,
-    "progress": "", "tensorboard": "", "output_dir": "", "resume": "", "overwrite": "", "ref_cache": "",
+    "progress": "", "tensorboard": "", "output_dir": "", "ref_cache": "",
     "data": _SAME_DATA, "data_format": _SAME_DATA, "image_root": _SAME_DATA, "max_records": _SAME_DATA,
     "skip_bad_records": _SAME_DATA, "synthetic_records": _SAME_DATA, "max_image_pixels": _SAME_DATA,
     "allow_outside_image_root": _SAME_DATA,

@@ -313,9 +313,9 @@ def _refuse_nonfinite(params, step: int, what: str, ckpt: Checkpointer) -> None:
     n = nonfinite_tensors(params)
     if n:
         kept = ckpt.complete()
-        raise RuntimeError(f"after step {step} {n} of {len(params)} trainable tensors hold NaN or inf: {what} refused "
-                           f"(the newest checkpoint is {kept[-1] if kept else 'none'}). Lower learning_rate, check the "
-                           "data for broken records, or train in dtype float32")
+        raise RuntimeError(f"after step {step}, {n} of {len(params)} trainable tensors hold NaN or inf: {what} (the "
+                           f"newest checkpoint is {kept[-1] if kept else 'none'}). Lower learning_rate, check the data "
+                           "for broken records, or train in dtype float32")
 
 
 def _oom_message(cfg: TrainConfig) -> str:
@@ -395,57 +395,57 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     row: dict = {}
     t_last = time.perf_counter()
-    for step, micro in zip(range(start, total), schedule.loader(dataset, collator, start, total, cfg.num_workers)):
-        try:
-            res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world)
-            grad_norm = _clip(params, cfg.max_grad_norm)
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(_oom_message(cfg)) from e
-        finite = math.isfinite(res.metrics["loss"]) and math.isfinite(grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if finite:
-            optimizer.step()
-            bad = 0
-        else:
-            bad += 1
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        now = time.perf_counter()
-        row = {"step": step + 1, **res.metrics, "lr": lr, "grad_norm": grad_norm, "records": res.records,
-               "tokens_per_s": res.tokens / max(now - t_last, 1e-9)}
-        t_last = now
-        if res.dropped or res.truncated:
-            row.update(dropped=res.dropped, truncated=res.truncated)
-        if counts:  # what the data set lost, once per (re)start
-            row.update(counts)
-            counts = {}
-        if not finite:
-            row["skipped"] = True
-            logger.write(f"step {step + 1}: non-finite loss or gradient (loss {res.metrics['loss']}, grad norm "
-                         f"{grad_norm}); step skipped ({bad} in a row)")
-        if eval_data is not None and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
-            row.update(_evaluate(root, eval_data, models, cfg, device))
-        logger.log(row)
-        if on_step is not None:
-            on_step(step + 1, row)
-        if not finite and nonfinite_tensors(params):  # the weights themselves are gone: no later step recovers
-            logger.close()
-            _refuse_nonfinite(params, step + 1, "training on", ckpt)
-        if bad >= cfg.max_bad_steps:
-            logger.close()
-            raise RuntimeError(f"{bad} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
-                               "stopping. Lower learning_rate, check the data for broken records, or train in "
-                               "dtype float32")
-        last = step + 1 == total
-        if last or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
-            _refuse_nonfinite(params, step + 1, "saving a checkpoint", ckpt)
-            state = {"bad_steps": bad, "records_seen": (step + 1) * cfg.global_batch_size,
-                     "settings": cfg.to_dict(), "data": dataset.fingerprint()}
-            ckpt.save(step + 1, root, optimizer, state)
-    logger.close()
+    try:
+        for step, micro in zip(range(start, total), schedule.loader(dataset, collator, start, total, cfg.num_workers)):
+            try:
+                res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world)
+                grad_norm = _clip(params, cfg.max_grad_norm)
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(_oom_message(cfg)) from e
+            finite = math.isfinite(res.metrics["loss"]) and math.isfinite(grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            if finite:
+                optimizer.step()
+                bad = 0
+            else:
+                bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            now = time.perf_counter()
+            row = {"step": step + 1, **res.metrics, "lr": lr, "grad_norm": grad_norm, "records": res.records,
+                   "tokens_per_s": res.tokens / max(now - t_last, 1e-9)}
+            t_last = now
+            if res.dropped or res.truncated:
+                row.update(dropped=res.dropped, truncated=res.truncated)
+            if counts:  # what the data set lost, once per (re)start
+                row.update(counts)
+                counts = {}
+            if not finite:
+                row["skipped"] = True
+                logger.write(f"step {step + 1}: non-finite loss or gradient (loss {res.metrics['loss']}, grad norm "
+                             f"{grad_norm}); step skipped ({bad} in a row)")
+            if eval_data is not None and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
+                row.update(_evaluate(root, eval_data, models, cfg, device))
+            logger.log(row)
+            if on_step is not None:
+                on_step(step + 1, row)
+            if not finite:  # a bad batch is skipped; non-finite weights are gone, no later step recovers them
+                _refuse_nonfinite(params, step + 1, "stopping", ckpt)
+            if bad >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
+                                   "stopping. Lower learning_rate, check the data for broken records, or train in "
+                                   "dtype float32")
+            last = step + 1 == total
+            if last or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
+                _refuse_nonfinite(params, step + 1, "no checkpoint saved", ckpt)
+                state = {"bad_steps": bad, "records_seen": (step + 1) * cfg.global_batch_size,
+                         "settings": cfg.to_dict(), "data": dataset.fingerprint()}
+                ckpt.save(step + 1, root, optimizer, state)
+    finally:
+        logger.close()
 
     final = out / "final"
-    _refuse_nonfinite(params, total, "exporting the model", ckpt)
+    _refuse_nonfinite(params, total, "the model is not exported", ckpt)
     _export(root, models, cfg, final, parallel)
     if rank == 0:
         try:
