@@ -60,6 +60,41 @@ def test_config_errors(tmp_path):
         TrainConfig(beta=-1.0)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("learning_rate", INF, "learning_rate must be a finite number, got inf"),
+    ("learning_rate", NAN, "learning_rate must be a finite number, got nan"),
+    ("max_records", -1, r"max_records must be >= 0 \(0: all records\), got -1"),
+    ("save_steps", -1, r"save_steps must be >= 0 \(0: only at the end\)"),
+    ("max_grad_norm", -1.0, r"max_grad_norm must be >= 0 \(0: no clipping\)"),
+    ("max_grad_norm", NAN, "max_grad_norm must be a finite number"),
+    ("lora_r", 0, "lora_r must be >= 1, got 0"),
+    ("num_workers", -1, "num_workers must be >= 0"),
+    ("eval_steps", -5, "eval_steps must be >= 0"),
+    ("weight_decay", INF, "weight_decay must be a finite number"),
+    ("warmup_ratio", NAN, "warmup_ratio must be a finite number"),
+    ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\), got 1.0"),
+    ("adam_beta2", -0.1, r"adam_beta2 must be in \[0, 1\)"),
+    ("num_epochs", INF, "num_epochs must be a finite number"),
+    ("synthetic_records", 0, "synthetic_records must be >= 1"),
+    ("max_image_pixels", 0, "max_image_pixels must be >= 1"),
+])
+def test_numeric_options_are_validated_with_their_name(field, value, says):
+    with pytest.raises(ValueError, match=says):
+        TrainConfig(**{field: value})
+
+
+def test_a_non_finite_option_on_the_command_line_stops_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    for flag, value in (("--learning-rate", "inf"), ("--max-records", "-1"), ("--lora-r", "0")):
+        assert cli.main(["train", flag, value, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("symmpo-fast train: error: ") and flag[2:].replace("-", "_") in err
+    assert not out.exists()
+
+
 def test_shipped_configs_load_and_demo_config_matches_the_demo():
     from symmpo_fast.train.demo import demo_config
 
