@@ -188,65 +188,60 @@ def _identical(what: str) -> RecordProblem:
 def validate(row: dict, objective: str, where: str, images: ImagePolicy = ImagePolicy(),
              check: Check | None = None) -> dict:
     """One validated record (images as sources, each decoded once here to check it); raises BadRecordError."""
+    required = REQUIRED[objective]
+    base = row.get("_base")
+    rec: dict = {"id": str(row.get("id", where))}
+    digests: dict[str, str] = {}
+    decoded: dict[str, Image.Image] = {}
     try:
-        rec, digests = _validate(row, objective, where, images, check)
+        if "_error" in row:
+            raise row["_error"]
+        for k in TEXT_FIELDS:
+            v = row.get(k)
+            if v is None:
+                if k in required:
+                    raise _missing(k)
+                continue
+            if not isinstance(v, str):
+                raise RecordProblem("wrong_type", f"field {k!r} must be a string, got {type(v).__name__}",
+                                    "store it as text")
+            if k == "question":
+                v = _IMAGE_PLACEHOLDER.sub(" ", v).strip()
+            if not v.strip():
+                raise RecordProblem("empty_field", f"field {k!r} is empty", "fill it in or remove the record")
+            bad = _SURROGATE.search(v)
+            if bad:
+                raise RecordProblem("not_utf8", f"field {k!r} holds bytes that are not UTF-8 (or a lone surrogate "
+                                    f"escape) at character {bad.start()}", _UTF8_FIX)
+            rec[k] = v
+        if rec.get("chosen", "").strip() == rec.get("rejected", "").strip():
+            raise _identical("'chosen' and 'rejected' are the same text")
+        if objective == "symmpo" and rec["contrast_chosen"].strip() == rec["chosen"].strip():
+            raise _identical("'contrast_chosen' and 'chosen' are the same text")
+        for k in IMAGE_FIELDS:
+            v = row.get(k)
+            if v is None or (isinstance(v, str) and not v and k not in required):
+                if k in required:
+                    raise _missing(k)
+                continue
+            src = _image_source(v, k, base, images)
+            decoded[k] = open_image(src, k, images.max_pixels)
+            rec[k] = src
+            digests[k] = pixels_digest(decoded[k])
+        if objective == "symmpo" and digests["image"] == digests["contrast_image"]:
+            raise _identical("'image' and 'contrast_image' have the same pixels")
+        if "ref_logps_official" in row:
+            rec["ref_logps"] = _official_logps(row["ref_logps_official"])
+        if "meta" in row:
+            rec["meta"] = row["meta"]
+        if check is not None:
+            check({**rec, **decoded})
     except RecordProblem as e:
         raise BadRecordError(f"{where}: {_one_line(e)}; fix: {e.fix}", e.kind) from None
     except (ValueError, TypeError) as e:  # a check's own error: still named, never a traceback
         raise BadRecordError(f"{where}: {_one_line(e)}; fix: correct or remove the record") from None
     rec["digest"] = content_digest(rec, digests)
     return rec
-
-
-def _validate(row: dict, objective: str, where: str, images: ImagePolicy, check: Check | None):
-    if "_error" in row:
-        raise row["_error"]
-    required = REQUIRED[objective]
-    base = row.get("_base")
-    rec: dict = {"id": str(row.get("id", where))}
-    digests: dict[str, str] = {}
-    decoded: dict[str, Image.Image] = {}
-    for k in TEXT_FIELDS:
-        v = row.get(k)
-        if v is None:
-            if k in required:
-                raise _missing(k)
-            continue
-        if not isinstance(v, str):
-            raise RecordProblem("wrong_type", f"field {k!r} must be a string, got {type(v).__name__}",
-                                "store it as text")
-        if k == "question":
-            v = _IMAGE_PLACEHOLDER.sub(" ", v).strip()
-        if not v.strip():
-            raise RecordProblem("empty_field", f"field {k!r} is empty", "fill it in or remove the record")
-        bad = _SURROGATE.search(v)
-        if bad:
-            raise RecordProblem("not_utf8", f"field {k!r} holds bytes that are not UTF-8 (or a lone surrogate "
-                                f"escape) at character {bad.start()}", _UTF8_FIX)
-        rec[k] = v
-    if rec.get("chosen", "").strip() == rec.get("rejected", "").strip():
-        raise _identical("'chosen' and 'rejected' are the same text")
-    if objective == "symmpo" and rec["contrast_chosen"].strip() == rec["chosen"].strip():
-        raise _identical("'contrast_chosen' and 'chosen' are the same text")
-    for k in IMAGE_FIELDS:
-        v = row.get(k)
-        if v is None or (isinstance(v, str) and not v and k not in required):
-            if k in required:
-                raise _missing(k)
-            continue
-        src = _image_source(v, k, base, images)
-        decoded[k] = open_image(src, k, images.max_pixels)
-        rec[k] = src
-        digests[k] = pixels_digest(decoded[k])
-    if objective == "symmpo" and digests["image"] == digests["contrast_image"]:
-        raise _identical("'image' and 'contrast_image' have the same pixels")
-    if "ref_logps_official" in row:
-        rec["ref_logps"] = _official_logps(row["ref_logps_official"])
-    if "meta" in row:
-        rec["meta"] = row["meta"]
-    if check is not None:
-        check({**rec, **decoded})
-    return rec, digests
 
 
 def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> str:

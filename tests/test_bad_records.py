@@ -267,7 +267,8 @@ def test_duplicates_are_reported_and_kept(tmp_path, processor, capsys):
     other = {**good, "chosen": "Another."}
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, other, good)))
     ds = _load(tmp_path / "data.jsonl", processor)
-    assert len(ds) == 3 and ds.duplicates == [(f"{tmp_path / 'data.jsonl'}: line 3", f"{tmp_path / 'data.jsonl'}: line 1")]
+    path = tmp_path / "data.jsonl"
+    assert len(ds) == 3 and ds.duplicates == [(f"{path}: line 3", f"{path}: line 1")]
     assert "1 duplicate records kept" in ds.problems()
     assert cli.main(["prepare-data", str(tmp_path / "data.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out)["duplicates"] == 1

@@ -228,8 +228,8 @@ class Checkpointer:
                 return {**doc, "path": str(path)}
             damaged.append(f"checkpoint {path} is damaged ({'; '.join(problems) or 'another process found it so'})")
         if damaged:
-            raise RuntimeError(f"{'; '.join(damaged)}; no intact checkpoint is left to resume from: pass --overwrite to "
-                               "start over")
+            raise RuntimeError(f"{'; '.join(damaged)}; no intact checkpoint is left to resume from: pass --overwrite "
+                               "to start over")
         return None
 
     def _check_layout(self, path: Path, state: dict) -> None:

@@ -91,8 +91,8 @@ def precompute(cfg) -> Path:
 
     device = dist_utils.init()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    dataset = load_data(cfg)
     model, processor, dtype, fingerprint = build_reference(cfg, device)
+    dataset = load_data(cfg, processor)  # checked as training checks it: the same records, the same fingerprint
     collator = PreferenceCollator(processor, cfg.objective, max_length=cfg.max_length, truncation=cfg.truncation,
                                   seed=cfg.seed)
     average = cfg.objective_config().average_logps
