@@ -8,7 +8,12 @@ restart (or, with flipped tensor bytes, was trained on), and NaN weights were ex
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from train_helpers import config, losses, one_thread, run  # noqa: F401  (one_th
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(micro_batch_size=4, synthetic_records=16)
+TESTS = Path(__file__).resolve().parent
 
 
 def rows(out) -> list[dict]:
@@ -94,6 +100,26 @@ def test_resume_applies_a_new_learning_rate_and_the_schedule_of_a_longer_run(tmp
     assert TrainConfig.from_yaml(out / "config.yaml").learning_rate == 1e-3
     with pytest.raises(ValueError, match="at step 6, past this run's 5 steps"):
         train(config(out, max_steps=5, learning_rate=1e-3, resume=True, **kw))
+
+
+def test_a_killed_run_resumes_exactly_even_from_a_torn_metrics_line(tmp_path):
+    """SIGKILL, not an exception: nothing of the process's own clean-up runs."""
+    kw = dict(max_steps=4, save_steps=2, lora_dropout=0.1, **FAST)
+    run(tmp_path / "straight", **kw)
+    out = tmp_path / "killed"
+    script = ("import os, signal, sys; from symmpo_fast.train import train; from train_helpers import config; "
+              f"train(config(sys.argv[1], **{kw!r}), on_step=lambda s, r: s == 3 and os.kill(os.getpid(), "
+              "signal.SIGKILL))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and steps(out) == ["step-00000002"]
+    with open(out / "metrics.jsonl", "a") as fh:  # killed while appending step 4's row
+        fh.write('{"step": 4, "loss": 2.7')
+    with pytest.warns(RuntimeWarning, match="dropping its torn last line"):
+        train(config(out, resume=True, **kw))
+    assert losses(out) == losses(tmp_path / "straight")
 
 
 # ----------------------------------------------------------------------------------------------
