@@ -9,7 +9,7 @@ bounded pixels, every bit depth decoded to 8-bit RGB.
 * **Regular files only.**  The file is opened with ``O_NONBLOCK`` and checked with ``fstat``
   before one byte is read: a FIFO would otherwise block the reader forever, a device never end.
 * **Bounded pixels.**  The size in the header is checked against ``max_pixels`` before decoding
-  (an 11000x11000 PNG of 15 KB decodes to 1.5 GB).  JPEG is downscaled while decoding (the
+  (an 11000x11000 1-bit PNG of 15 KB is 363 MB as RGB; PIL's open + convert peaks at 0.6 GB).  JPEG is downscaled while decoding (the
   decoder's 1/2, 1/4, 1/8 scales, :meth:`PIL.Image.Image.draft`), so camera photos stay usable;
   any other format above the bound is refused, since it could only be shrunk after a full decode.
 * **Bit depth.**  16-bit greyscale PNGs (mode ``I;16``) are scaled to 8 bits; PIL's own
@@ -97,20 +97,20 @@ def _draft_jpeg(im: Image.Image, max_pixels: int) -> None:
             return
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB; high-bit-depth greyscale is scaled, not clipped."""
+def _to_rgb(im: Image.Image, what: str) -> Image.Image:
+    """8-bit RGB; high-bit-depth greyscale is scaled, not clipped.  ``what`` names the image in errors."""
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         top = int(a.max()) if a.size else 0
         if a.size and (a.min() < 0 or top > 65535):
-            raise RecordProblem("unreadable_image", f"{im.mode} pixels outside 0..65535 cannot be shown as 8 bits",
-                               "convert the image to 8-bit RGB")
+            raise RecordProblem("unreadable_image", f"{what} has {im.mode} pixels outside 0..65535, which have no "
+                                "8-bit range", "convert the image to 8-bit RGB")
         # 16-bit data: 65535 -> 255.  Mode I holding 8-bit values (some TIFFs) keeps them.
         scale = 257 if im.mode.startswith("I;16") or top > 255 else 1
         return Image.fromarray(((a + scale // 2) // scale).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
-        raise RecordProblem("unreadable_image", "floating-point pixels (mode F) have no agreed 8-bit range",
-                           "convert the image to 8-bit RGB")
+        raise RecordProblem("unreadable_image", f"{what} has floating-point pixels (mode F), which have no "
+                            "agreed 8-bit range", "convert the image to 8-bit RGB")
     return im.convert("RGB")
 
 
@@ -120,7 +120,7 @@ def open_image(source: bytes | str | Image.Image, field: str = "image", max_pixe
     ``source``: a PIL image, encoded bytes, or a path already :func:`resolve`-d.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
+        return _to_rgb(source, f"{field} (in memory)")
     shown = source if isinstance(source, str) else f"({len(source)} bytes)"
     fh = io.BytesIO(source) if isinstance(source, bytes) else _open_regular(source, field)
     with fh, warnings.catch_warnings():
@@ -141,7 +141,7 @@ def open_image(source: bytes | str | Image.Image, field: str = "image", max_pixe
                 if min(im.size) < 1:
                     raise RecordProblem("image_too_small", f"{field} {shown} is empty ({w}x{h})",
                                        "replace the image")
-                return _to_rgb(im)
+                return _to_rgb(im, f"{field} {shown}")
         except Image.DecompressionBombError as e:  # PIL refuses above 2x its threshold already at open
             raise RecordProblem("image_too_large", f"{field} {shown}: {e}",
                                "downscale the file, or raise --max-image-pixels") from None

@@ -63,6 +63,17 @@ def _absolute(tmp_path, row):
     return {**row, "contrast_image": str(tmp_path.parent / "abs.png")}
 
 
+def _symlink_out(tmp_path, row):
+    _png(tmp_path.parent / "elsewhere.png", (5, 6, 7))
+    (tmp_path / "link.png").symlink_to(tmp_path.parent / "elsewhere.png")
+    return {**row, "contrast_image": "link.png"}
+
+
+def _float_tiff(tmp_path, row):
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "f.tiff")
+    return {**row, "image": "f.tiff"}
+
+
 def _fifo(tmp_path, row):
     os.mkfifo(tmp_path / "pipe.png")
     return {**row, "image": "pipe.png"}
@@ -95,6 +106,8 @@ CASES = {
                                   "special_token", r"field 'chosen' contains '<image>'"),
     "EOS text in a response": ("dpo", lambda t, r: {**r, "rejected": "Blue.</s> Red."},
                                "special_token", r"field 'rejected' contains '</s>'"),
+    "BOS text in the question": ("mdpo", lambda t, r: {**r, "question": "<s> What colour?"},
+                                 "special_token", r"field 'question' contains '<s>'"),
     "chosen == rejected": ("mdpo", lambda t, r: {**r, "rejected": r["chosen"]},
                            "identical_pair", "'chosen' and 'rejected' are the same text"),
     "y_w' == y_w": ("symmpo", lambda t, r: {**r, "contrast_chosen": r["chosen"]},
@@ -104,10 +117,12 @@ CASES = {
     "path leaving the root": ("symmpo", _outside, "image_outside_root",
                               "image path '../outside/secret.png' leaves the image root"),
     "absolute path outside": ("symmpo", _absolute, "image_outside_root", "contrast_image path '/.*' leaves the image"),
+    "symbolic link out of the root": ("symmpo", _symlink_out, "image_outside_root", "path 'link.png' leaves the"),
     "FIFO as an image": ("symmpo", _fifo, "not_a_file", "is not a regular file"),
     "11000x11000 PNG": ("symmpo", _huge_png, "image_too_large", "11000x11000 = 121.0 Mpx, above max_image_pixels"),
     "decompression bomb": ("dpo", _bomb, "image_too_large", "contrast_image .*DecompressionBomb|exceeds limit"),
     "unreadable image": ("symmpo", _junk, "unreadable_image", "cannot be decoded as an image"),
+    "float pixels": ("symmpo", _float_tiff, "unreadable_image", r"floating-point pixels \(mode F\)"),
 }
 
 
