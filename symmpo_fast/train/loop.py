@@ -305,6 +305,8 @@ def nonfinite_tensors(params) -> int:
     """How many trainable tensors hold a NaN or an infinity, over every process (a collective;
     one host sync): checked before every checkpoint and export, never per step."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    if not local:
+        return 0
     bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).sum().double().cpu().reshape(1)
     return int(dist_utils.all_reduce_sum(bad).item())
 

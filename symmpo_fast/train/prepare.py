@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from .. import formats
@@ -55,18 +56,24 @@ def record_check(processor, seed: int, crop: bool) -> formats.Check:
     text in a response or the question (the image placeholder is the question's own), and with
     ``crop`` (mDPO, or evaluation data without contrast images) an image too small for m_l."""
     texts = special_texts(processor)
-    placeholder = processor.image_token
+
+    def alternatives(ts):
+        # One search per field, also for tokenizers with hundreds of reserved special tokens;
+        # "(?!)" matches nothing, where an empty pattern would match everywhere.
+        return re.compile("|".join(map(re.escape, ts)) or "(?!)")
+
+    anywhere = alternatives(texts)
+    in_question = alternatives([t for t in texts if t != processor.image_token])
 
     def check(rec: dict) -> None:
         for field in ("question", *RESPONSES):
             value = rec.get(field)
-            if value is None:
-                continue
-            for t in texts:
-                if t in value and not (field == "question" and t == placeholder):
-                    raise RecordProblem("special_token", f"field {field!r} contains {t!r}, a special token of the "
-                                        "tokenizer (it would be read as that token, not as text)",
-                                        f"remove {t!r} from the text")
+            found = value is not None and (in_question if field == "question" else anywhere).search(value)
+            if found:
+                t = found.group()
+                raise RecordProblem("special_token", f"field {field!r} contains {t!r}, a special token of the "
+                                    "tokenizer (it would be read as that token, not as text)",
+                                    f"remove {t!r} from the text")
         if crop:
             try:
                 mdpo_crop(rec["image"], seed)
