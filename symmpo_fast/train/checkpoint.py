@@ -119,7 +119,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer, scheduler, RNG and trainer state; see the module docstring."""
+    """Saves, verifies and restores model, optimizer, RNG and trainer state; see the module docstring."""
 
     def __init__(self, output_dir: str | Path, keep: int = 2, sharded: bool = False):
         self.root = Path(output_dir) / "checkpoints"

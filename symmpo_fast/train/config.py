@@ -162,9 +162,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
         for name, (low, high) in _RANGES.items():
-            v = getattr(self, name)
-            if not (low <= v and (high is None or v < high)):
-                raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}), got {v}")
+            if not low <= getattr(self, name) < high:
+                raise ValueError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.resume and self.overwrite:
