@@ -22,7 +22,7 @@ from symmpo_fast.train import TrainConfig, train
 from symmpo_fast.train.checkpoint import Checkpointer
 from symmpo_fast.train.loop import lr_lambda
 
-from train_helpers import config, losses, one_thread, run  # noqa: F401  (one_thread: the fixture)
+from train_helpers import config, flip_last_bytes, losses, one_thread, run  # noqa: F401  (one_thread: the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,10 +150,7 @@ def _bad_header(path):  # safetensors starts with the header's length: make it a
 
 
 def _flip_tensor_bytes(path):  # the end of the file is tensor data: the old trainer trained on this
-    data = bytearray(path.read_bytes())
-    for i in range(1, 9):
-        data[-i] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_last_bytes(path)
 
 
 DAMAGE = {

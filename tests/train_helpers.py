@@ -57,10 +57,24 @@ def run(output_dir, interrupt: int = 0, **overrides) -> None:
     train(config(output_dir, resume=True, **overrides))
 
 
+def flip_last_bytes(path, n: int = 8) -> None:
+    """Damage a file the way bit rot does: same size, other bytes (the end of a safetensors file is tensor data)."""
+    data = bytearray(Path(path).read_bytes())
+    for i in range(1, n + 1):
+        data[-i] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
 if __name__ == "__main__":
-    # argv[1]: JSON list of [output_dir, interrupt, overrides]; every process runs every job.
+    # argv[1]: JSON list of [output_dir, interrupt, overrides] or [..., file to damage first];
+    # every process runs every job.
     from symmpo_fast.train import distributed
 
-    for out, interrupt, overrides in json.loads(sys.argv[1]):
+    for job in json.loads(sys.argv[1]):
+        out, interrupt, overrides = job[:3]
+        if len(job) > 3:  # after a first job, so the process group exists for the barrier
+            if distributed.rank() == 0:
+                flip_last_bytes(Path(out) / job[3])
+            distributed.barrier()
         run(out, interrupt, **overrides)
     distributed.shutdown()
