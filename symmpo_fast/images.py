@@ -9,9 +9,10 @@ bounded pixels, every bit depth decoded to 8-bit RGB.
 * **Regular files only.**  The file is opened with ``O_NONBLOCK`` and checked with ``fstat``
   before one byte is read: a FIFO would otherwise block the reader forever, a device never end.
 * **Bounded pixels.**  The size in the header is checked against ``max_pixels`` before decoding
-  (an 11000x11000 1-bit PNG of 15 KB is 363 MB as RGB; PIL's open + convert peaks at 0.6 GB).  JPEG is downscaled while decoding (the
-  decoder's 1/2, 1/4, 1/8 scales, :meth:`PIL.Image.Image.draft`), so camera photos stay usable;
-  any other format above the bound is refused, since it could only be shrunk after a full decode.
+  (an 11000x11000 1-bit PNG of 15 KB is 363 MB as RGB; PIL's open + convert peaks at 0.6 GB).
+  JPEG is downscaled while decoding (the decoder's 1/2, 1/4, 1/8 scales,
+  :meth:`PIL.Image.Image.draft`), so camera photos stay usable; any other format above the bound
+  is refused, since it could only be shrunk after a full decode.
 * **Bit depth.**  16-bit greyscale PNGs (mode ``I;16``) are scaled to 8 bits; PIL's own
   ``convert("RGB")`` clips them, turning 99.6 % of a ramp's pixels white.
 """

@@ -4,6 +4,8 @@ worker that ``torchrun`` starts for the distributed tests (``torchrun ... tests/
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,6 +57,17 @@ def run(output_dir, interrupt: int = 0, **overrides) -> None:
     except Interrupt:
         pass
     train(config(output_dir, resume=True, **overrides))
+
+
+def torchrun(jobs: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """This file's ``__main__`` under ``torchrun --nproc_per_node nproc``: every process runs every job."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
+         json.dumps(jobs)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def flip_last_bytes(path, n: int = 8) -> None:

@@ -394,6 +394,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                      f"{'resuming at step ' + str(start) + ' from ' + resumed['path'] if resumed else 'from scratch'}")
         for change in changes:
             logger.write(f"  resumed with {change}")
+        if eval_data is not None and eval_data.problems():
+            logger.write(f"  evaluation data {cfg.eval_data}: {eval_data.problems()}")
 
     row: dict = {}
     t_last = time.perf_counter()
