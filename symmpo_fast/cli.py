@@ -41,8 +41,10 @@ def _train(args) -> int:
     from .train import distributed
 
     if distributed.rank() == 0:
+        skipped = sum(result["bad_records"].values())
+        kinds = ", ".join(f"{n} {k}" for k, n in result["bad_records"].items())
         print(f"done: {result['steps']} steps; metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}, "
-              f"model in {result['final']}")
+              f"model in {result['final']}" + (f"; {skipped} bad records skipped ({kinds})" if skipped else ""))
     distributed.shutdown()
     return 0
 
@@ -58,11 +60,13 @@ def _precompute_ref(args) -> int:
 
 
 def _prepare_data(args) -> int:
+    from .images import ImagePolicy
     from .train.prepare import prepare
 
     report = prepare(args.data, data_format=args.data_format, objective=args.objective, image_root=args.image_root,
                      skip_bad_records=args.skip_bad_records, output=args.output, model=args.model,
-                     max_length=args.max_length, seed=args.seed, prompt_format=args.prompt_format)
+                     max_length=args.max_length, seed=args.seed, prompt_format=args.prompt_format,
+                     images=ImagePolicy(args.max_image_pixels, args.allow_outside_image_root))
     print(json.dumps(report, indent=1))
     return 0 if report["usable"] else 1
 
@@ -115,6 +119,7 @@ def _passthrough(command: str, argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .images import MAX_PIXELS
     from .train.config import add_arguments
 
     p = argparse.ArgumentParser(prog="symmpo-fast", description=__doc__.split("\n\n")[0].replace("``", ""),
@@ -134,7 +139,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--data-format", default="auto", help="reader; default: from the path")
     d.add_argument("--objective", default="symmpo", choices=("symmpo", "mdpo", "dpo"),
                    help="which fields are required (symmpo needs contrast_image and contrast_chosen)")
-    d.add_argument("--image-root", default="", help="directory relative image paths are resolved against")
+    d.add_argument("--image-root", default="", help="directory relative image paths are resolved against, and "
+                   "which they may not leave (default: the data file's directory)")
+    d.add_argument("--allow-outside-image-root", action="store_true",
+                   help="read image paths that leave the image root (absolute paths, '..')")
+    d.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                   help="largest image in pixels; JPEGs above it are decoded downscaled, others are bad records")
     d.add_argument("--skip-bad-records", action="store_true",
                    help="report every bad record instead of stopping at the first")
     d.add_argument("--output", default="", help="write the usable records as JSONL + PNG here, with mDPO's "

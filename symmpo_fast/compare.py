@@ -167,7 +167,7 @@ def train_config(method: Method, seed: int, cfg: CompareConfig, sft: Path, run_d
         learning_rate=cfg.learning_rate, lr_scheduler="cosine", warmup_ratio=cfg.warmup_ratio,
         global_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, max_steps=cfg.steps,
         max_length=cfg.max_length, prompt_format=PROMPT_FORMAT, save_steps=0, keep_checkpoints=1, tensorboard=False,
-        progress=False,
+        progress=False, overwrite=True,  # a rerun of the testbed in the same work directory trains every run again
     )
 
 

@@ -30,32 +30,40 @@ Formats (``load_dataset(path, format="auto")``):
 * ``hf``: a ``datasets`` data set (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` directory) with
   any of the column sets above.  Needs the ``datasets`` package.
 
-Text preference data (``load_dataset(..., images=False)``, for text-only models and DPO): JSONL,
+Text preference data (``load_dataset(..., text_only=True)``, for text-only models and DPO): JSONL,
 JSON or ``datasets`` rows in TRL's columns, ``prompt`` / ``chosen`` / ``rejected``, plain strings
 (the prompt used as written) or conversational lists of ``{role, content}`` messages (a row
 without ``prompt`` has it extracted: the messages both answers start with), or ``question``
 instead of ``prompt`` (put in the model's chat template).  A row with none of the image columns
 is a text row.
 
-Every record is validated before training starts: a missing field, a wrong type, an empty
-response, or a missing or unreadable image stops with :class:`BadRecordError` naming the file and
-the record, unless ``skip_bad_records`` is set, in which case it is skipped and counted in
-``dataset.skipped``.  Nothing is ever silently replaced.
+Every record is validated when it is read, before training starts: a missing field, a wrong
+type, an empty response, text that is not UTF-8, ``chosen`` equal to ``rejected``, reference
+log-probs that are not finite and <= 0, a missing, unreadable, oversized or out-of-root image
+(:mod:`symmpo_fast.images`), and whatever the trainer's ``check`` adds (its tokenizer's special
+tokens in a text, mDPO's crop of a tiny image) stop with a one-line :class:`BadRecordError`
+naming the file, the record and the fix, unless ``skip_bad_records`` is set, in which case the
+record is skipped and counted by kind (``dataset.skipped``).  Duplicate records (the same texts
+and pixels as an earlier one) are kept and listed in ``dataset.duplicates``.  An unreadable
+parquet shard is one bad "record": skipping it keeps the directory's other shards.  Nothing is
+ever silently replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .images import ImagePolicy, RecordProblem, open_image, pixels_digest, resolve
 from .prompts import is_conversation
 
 TEXT_FIELDS = ("question", "prompt", "chosen", "rejected", "contrast_chosen")
@@ -76,22 +84,38 @@ _SPLIT = {split: re.compile(r"(?:^|[-._ 0-9/])(?:" + "|".join(words) + r")(?:[-.
           for split, words in _SPLIT_WORDS.items()}
 
 
+SKIP_HINT = "pass --skip-bad-records to skip bad records and count them"
+# Lone surrogates: what undecodable bytes become under "surrogateescape", or a JSON "\\udc80" escape.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UTF8_FIX = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
 class BadRecordError(ValueError):
-    """A record that cannot be trained on; the message names the file and the record."""
+    """A record that cannot be trained on; the one-line message names the file, the record and the fix."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
 class Skipped:
     where: str
     problem: str
+    kind: str = "invalid"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 # ----------------------------------------------------------------------------------------------
 # images
 
 
-def _image_source(value, field: str, base: Path | None) -> bytes | str | Image.Image:
-    """Normalise the ways a format stores an image: PIL, bytes, a path, or ``{"bytes", "path"}``."""
+def _image_source(value, field: str, base: Path | None, policy: ImagePolicy) -> bytes | str | Image.Image:
+    """Normalise the ways a format stores an image: PIL, bytes, a path (confined to ``base``), or
+    ``{"bytes", "path"}``."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -100,41 +124,44 @@ def _image_source(value, field: str, base: Path | None) -> bytes | str | Image.I
         if value.get("bytes"):
             return bytes(value["bytes"])
         if value.get("path"):
-            return _image_source(value["path"], field, base)
-        raise ValueError(f"{field} has neither bytes nor a path")
+            return _image_source(value["path"], field, base, policy)
+        raise RecordProblem("missing_image", f"{field} has neither bytes nor a path", "give the image")
     if isinstance(value, (str, os.PathLike)):
-        if not str(value).strip():
-            raise ValueError(f"{field} is an empty path")
-        path = Path(value)
-        return str(path if path.is_absolute() or base is None else base / path)
-    raise ValueError(f"{field} must be an image, bytes, a path or {{bytes, path}}, got {type(value).__name__}")
-
-
-def open_image(source: bytes | str | Image.Image) -> Image.Image:
-    """Decode fully (a truncated file fails here, not in the middle of training) to RGB."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        return im.convert("RGB")
-
-
-def _pixels_digest(image: Image.Image) -> str:
-    """Of the decoded pixels, so that the same picture hashes the same from a file, bytes or memory."""
-    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+        return resolve(value, field, base, policy)
+    raise RecordProblem("wrong_type", f"{field} must be an image, bytes, a path or {{bytes, path}}, got "
+                        f"{type(value).__name__}", "store the image as a path or as encoded bytes")
 
 
 # ----------------------------------------------------------------------------------------------
 # column sets -> our fields
 
 
+_LOGPS_FIX = "recompute the reference log-probs, or train with --reference adapter, copy or cache"
+
+
 def _official_logps(raw) -> dict[str, list[float]]:
-    """The official ``logps`` column, a JSON list of 15 (or ``{"logps": [...]}``): 5 sums, 5 means, 5 lists."""
-    value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    """The official ``logps`` column, a JSON list of 15 (or ``{"logps": [...]}``): 5 sums, 5 means, 5
+    per-token lists, in ROLES order.  Log-probs are finite and <= 0: anything else is refused here,
+    since a NaN one would skip its whole global batch every epoch without naming the record."""
+    try:
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except json.JSONDecodeError as e:
+        raise RecordProblem("bad_ref_logps", f"logps is not valid JSON: {e}", _LOGPS_FIX) from None
     if isinstance(value, dict):
         value = value.get("logps")
-    if not isinstance(value, (list, tuple)) or len(value) < 10:
-        raise ValueError("logps must hold 5 sums and 5 means (the official format's 15 entries)")
-    return {"sum": [float(v) for v in value[:5]], "mean": [float(v) for v in value[5:10]]}
+    if not isinstance(value, (list, tuple)) or len(value) != 15:
+        got = f"{len(value)} entries" if isinstance(value, (list, tuple)) else type(value).__name__
+        raise RecordProblem("bad_ref_logps", f"logps must hold the official format's 15 entries (5 sums, 5 means, "
+                            f"5 per-token lists), got {got}", _LOGPS_FIX)
+    numbers = value[:10]
+    for j, v in enumerate(numbers):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0:
+            what = "sum" if j < 5 else "mean"
+            raise RecordProblem("bad_ref_logps", f"logps entry {j} (the {what} of role {j % 5}) is {v!r}: a log-prob "
+                                "is a finite number <= 0", _LOGPS_FIX)
+    if not all(isinstance(v, (list, tuple)) for v in value[10:]):
+        raise RecordProblem("bad_ref_logps", "logps entries 10-14 must be the per-token lists", _LOGPS_FIX)
+    return {"sum": [float(v) for v in numbers[:5]], "mean": [float(v) for v in numbers[5:]]}
 
 
 def _common_messages(a: list, b: list) -> int:
@@ -198,93 +225,124 @@ def normalise_row(row: dict, base: Path | None) -> dict:
     return out
 
 
+Check = Callable[[dict], None]
+"""One of the trainer's checks on a record (its texts and decoded images under our field names),
+for what only the trainer knows (its tokenizer's special tokens, mDPO's crop): raises RecordProblem."""
+
+
+def _missing(field: str) -> RecordProblem:
+    return RecordProblem("missing_field", f"missing field {field!r}",
+                         f"add {field!r} to the record, or train an objective that does not need it")
+
+
+def _identical(what: str) -> RecordProblem:
+    return RecordProblem("identical_pair", f"{what}: the pair carries no preference",
+                         "make the two differ, or remove the record")
+
+
+def _text(v, k: str) -> str:
+    """A text field: a non-empty string of valid UTF-8."""
+    if not isinstance(v, str):
+        raise RecordProblem("wrong_type", f"field {k!r} must be a string, got {type(v).__name__}", "store it as text")
+    if not v.strip():
+        raise RecordProblem("empty_field", f"field {k!r} is empty", "fill it in or remove the record")
+    bad = _SURROGATE.search(v)
+    if bad:
+        raise RecordProblem("not_utf8", f"field {k!r} holds bytes that are not UTF-8 (or a lone surrogate "
+                            f"escape) at character {bad.start()}", _UTF8_FIX)
+    return v
+
+
 def _messages(value, field: str, roles: tuple[str, ...]) -> list[dict]:
-    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                            for m in value):
-        raise ValueError(f"field {field!r} must be a non-empty list of {{role, content}} messages with string content")
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value):
+        raise RecordProblem("wrong_type", f"field {field!r} must be a non-empty list of {{role, content}} messages",
+                            "store it as TRL's conversational format")
     bad = [m["role"] for m in value if m["role"] not in roles]
     if bad:
-        raise ValueError(f"field {field!r} has a message of role {bad[0]!r}; expected one of {roles}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        raise RecordProblem("wrong_type", f"field {field!r} has a message of role {bad[0]!r}; expected one of "
+                            f"{roles}", "fix the conversation's roles")
+    return [{"role": m["role"], "content": _text(m.get("content"), f"{field}.content")} for m in value]
 
 
-def validate_text(row: dict, where: str) -> dict:
+def validate_text(row: dict, where: str, check: Check | None = None) -> dict:
     """One validated text record (DPO): ``prompt`` or ``question``, ``chosen``, ``rejected``."""
-    if "_error" in row:
-        raise BadRecordError(f"{where}: {row['_error']}")
     rec: dict = {"id": str(row.get("id", where))}
     try:
+        if "_error" in row:
+            raise row["_error"]
         if any(row.get(k) is not None for k in IMAGE_FIELDS):
-            raise ValueError("the record has an image, which a text-only model cannot see: train a vision-language "
-                             "model on it, or give text data")
+            raise RecordProblem("image_for_text_model", "the record has an image, which a text-only model cannot see",
+                                "train a vision-language model on it, or give text data")
         lead = "question" if row.get("question") is not None else "prompt"
         for k in (lead, "chosen", "rejected"):
             v = row.get(k)
             if v is None:
-                raise ValueError(f"missing field {k!r}" + (" (or 'question')" if k == "prompt" else ""))
+                raise _missing("prompt' (or 'question" if k == "prompt" else k)
             if isinstance(v, list) and k != "question":
                 v = _messages(v, k, ("system", "user", "assistant", "tool") if k == "prompt" else ("assistant",))
-            elif not isinstance(v, str):
-                raise ValueError(f"field {k!r} must be a string{'' if k == 'question' else ' or a list of messages'}, "
-                                 f"got {type(v).__name__}")
-            elif not v.strip():
-                raise ValueError(f"field {k!r} is empty")
+            else:
+                v = _text(v, k)
             rec[k] = v
-    except ValueError as e:
-        raise BadRecordError(f"{where}: {e}") from None
+        if rec["chosen"] == rec["rejected"]:
+            raise _identical("'chosen' and 'rejected' are the same")
+        if check is not None:
+            check(rec)
+    except RecordProblem as e:
+        raise BadRecordError(f"{where}: {_one_line(e)}; fix: {e.fix}", e.kind) from None
     rec["digest"] = content_digest(rec)
     return rec
 
 
-def validate(row: dict, objective: str, where: str) -> dict:
-    """One validated record (images as sources, not yet decoded); raises BadRecordError."""
-    if "_error" in row:
-        raise BadRecordError(f"{where}: {row['_error']}")
+def validate(row: dict, objective: str, where: str, images: ImagePolicy = ImagePolicy(),
+             check: Check | None = None) -> dict:
+    """One validated record (images as sources, each decoded once here to check it); raises BadRecordError."""
     required = REQUIRED[objective]
     base = row.get("_base")
     rec: dict = {"id": str(row.get("id", where))}
     digests: dict[str, str] = {}
+    decoded: dict[str, Image.Image] = {}
     try:
+        if "_error" in row:
+            raise row["_error"]
         for k in TEXT_FIELDS:
             v = row.get(k)
             if v is None:
                 if k in required and not (k == "question" and row.get("prompt") is not None):
-                    raise ValueError(f"missing field {k!r}")
+                    raise _missing(k)
                 continue
-            if not isinstance(v, str):
-                raise ValueError(f"field {k!r} must be a string, got {type(v).__name__}")
-            if k == "question":
+            if isinstance(v, str) and k == "question":
                 v = _question(v)
-            elif k == "prompt" and v.count(IMAGE_PLACEHOLDER) != 1:
-                raise ValueError(f"field 'prompt' holds the whole conversation and must place {IMAGE_PLACEHOLDER!r} "
-                                 f"once, found {v.count(IMAGE_PLACEHOLDER)}")
-            if not v.strip():
-                raise ValueError(f"field {k!r} is empty")
-            rec[k] = v
+            elif isinstance(v, str) and k == "prompt" and v.count(IMAGE_PLACEHOLDER) != 1:
+                raise RecordProblem("image_placeholder", f"field 'prompt' holds the whole conversation and must place "
+                                    f"{IMAGE_PLACEHOLDER!r} once, found {v.count(IMAGE_PLACEHOLDER)}",
+                                    f"put one {IMAGE_PLACEHOLDER!r} where the image goes")
+            rec[k] = _text(v, k)
+        if rec.get("chosen", "").strip() == rec.get("rejected", "").strip():
+            raise _identical("'chosen' and 'rejected' are the same text")
+        if objective == "symmpo" and rec["contrast_chosen"].strip() == rec["chosen"].strip():
+            raise _identical("'contrast_chosen' and 'chosen' are the same text")
         for k in IMAGE_FIELDS:
             v = row.get(k)
             if v is None or (isinstance(v, str) and not v and k not in required):
                 if k in required:
-                    raise ValueError(f"missing field {k!r}")
+                    raise _missing(k)
                 continue
-            src = _image_source(v, k, base)
-            try:
-                im = open_image(src)
-            except FileNotFoundError:
-                raise ValueError(f"{k} file {src} does not exist") from None
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                shown = src if isinstance(src, str) else f"({len(src)} bytes)" if isinstance(src, bytes) else ""
-                raise ValueError(f"{k} {shown} cannot be decoded as an image: {e}") from None
-            if min(im.size) < 1:
-                raise ValueError(f"{k} is empty ({im.size[0]}x{im.size[1]})")
+            src = _image_source(v, k, base, images)
+            decoded[k] = open_image(src, k, images.max_pixels)
             rec[k] = src
-            digests[k] = _pixels_digest(im)
+            digests[k] = pixels_digest(decoded[k])
+        if objective == "symmpo" and digests["image"] == digests["contrast_image"]:
+            raise _identical("'image' and 'contrast_image' have the same pixels")
         if "ref_logps_official" in row:
             rec["ref_logps"] = _official_logps(row["ref_logps_official"])
         if "meta" in row:
             rec["meta"] = row["meta"]
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise BadRecordError(f"{where}: {e}") from None
+        if check is not None:
+            check({**rec, **decoded})
+    except RecordProblem as e:
+        raise BadRecordError(f"{where}: {_one_line(e)}; fix: {e.fix}", e.kind) from None
+    except (ValueError, TypeError) as e:  # a check's own error: still named, never a traceback
+        raise BadRecordError(f"{where}: {_one_line(e)}; fix: correct or remove the record") from None
     rec["digest"] = content_digest(rec, digests)
     return rec
 
@@ -297,8 +355,9 @@ def _question(text: str) -> str:
     elif text.endswith(IMAGE_PLACEHOLDER):
         text = text[: -len(IMAGE_PLACEHOLDER)].removesuffix("\n")
     if IMAGE_PLACEHOLDER in text:
-        raise ValueError(f"field 'question' holds {IMAGE_PLACEHOLDER!r} inside its text; only one at its start or "
-                         "end is understood (the prompt format places the image)")
+        raise RecordProblem("image_placeholder", f"field 'question' holds {IMAGE_PLACEHOLDER!r} inside its text; only "
+                            "one at its start or end is understood (the prompt format places the image)",
+                            f"remove the {IMAGE_PLACEHOLDER!r} from the question's middle")
     return text
 
 
@@ -310,7 +369,7 @@ def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> st
         h.update(f"{k}\0{value if isinstance(value, str) else json.dumps(value, sort_keys=True)}\0".encode())
     for k in IMAGE_FIELDS:
         if k in rec:
-            h.update(((image_digests or {}).get(k) or _pixels_digest(open_image(rec[k]))).encode())
+            h.update(((image_digests or {}).get(k) or pixels_digest(open_image(rec[k], k))).encode())
     return h.hexdigest()
 
 
@@ -319,12 +378,16 @@ def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> st
 
 
 class PreferenceDataset:
-    """Validated records; ``dataset[i]`` decodes its images.  ``skipped`` lists what was skipped and why."""
+    """Validated records; ``dataset[i]`` decodes its images.  ``skipped`` lists what was skipped and
+    why, ``duplicates`` the ``(where, where of the first)`` of records kept although seen before."""
 
-    def __init__(self, records: list[dict], source: str, skipped: list[Skipped] | None = None):
+    def __init__(self, records: list[dict], source: str, skipped: list[Skipped] | None = None,
+                 duplicates: list[tuple[str, str]] | None = None, images: ImagePolicy = ImagePolicy()):
         self.records = records
         self.source = source
         self.skipped = skipped or []
+        self.duplicates = duplicates or []
+        self.images = images
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -335,10 +398,25 @@ class PreferenceDataset:
         for k in IMAGE_FIELDS:
             if k in rec:
                 try:
-                    rec[k] = open_image(rec[k])
-                except (OSError, UnidentifiedImageError) as e:
-                    raise BadRecordError(f"{self.source}: record {rec['id']}: {k} became unreadable: {e}") from None
+                    rec[k] = open_image(rec[k], k, self.images.max_pixels)
+                except RecordProblem as e:
+                    raise BadRecordError(f"{self.source}: record {rec['id']}: {k} became unreadable since it was "
+                                         f"read: {_one_line(e)}", e.kind) from None
         return rec
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        return dict(sorted(Counter(s.kind for s in self.skipped).items()))
+
+    def problems(self) -> str:
+        """One line on what was skipped and what is duplicated, or "" when nothing was."""
+        parts = []
+        if self.skipped:
+            kinds = ", ".join(f"{n} {k}" for k, n in self.skipped_by_kind().items())
+            parts.append(f"{len(self.skipped)} bad records skipped ({kinds})")
+        if self.duplicates:
+            where, first = self.duplicates[0]
+            parts.append(f"{len(self.duplicates)} duplicate records kept (e.g. {where} repeats {first})")
+        return "; ".join(parts)
 
     def fingerprint(self) -> str:
         """Order-sensitive hash of every record's content (texts and image bytes)."""
@@ -354,24 +432,31 @@ class PreferenceDataset:
 
 
 def _collect(rows: Iterator[tuple[str, dict]], source: str, objective: str, skip_bad_records: bool,
-             max_records: int, images: bool = True) -> PreferenceDataset:
+             max_records: int, images: ImagePolicy, check: Check | None, text_only: bool = False) -> PreferenceDataset:
     if objective not in REQUIRED:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(REQUIRED)}")
-    if not images and objective != "dpo":
+    if text_only and objective != "dpo":
         raise ValueError(f"objective {objective!r} needs images; text data trains with objective dpo")
-    records, skipped = [], []
+    if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+        raise ValueError(f"max_records must be an int >= 0 (0: all), got {max_records!r}")
+    records, skipped, duplicates, first = [], [], [], {}
     for where, row in rows:
         try:
-            records.append(validate(row, objective, where) if images else validate_text(row, where))
+            rec = validate_text(row, where, check) if text_only else validate(row, objective, where, images, check)
         except BadRecordError as e:
             if not skip_bad_records:
-                raise BadRecordError(f"{e} (pass --skip-bad-records to skip bad records and count them)") from None
-            skipped.append(Skipped(where, str(e)))
+                raise BadRecordError(f"{e} (or {SKIP_HINT})", e.kind) from None
+            skipped.append(Skipped(where, str(e), e.kind))
+            continue
+        if rec["digest"] in first:
+            duplicates.append((where, first[rec["digest"]]))
+        first.setdefault(rec["digest"], where)
+        records.append(rec)
         if max_records and len(records) >= max_records:
             break
     if not records:
         raise BadRecordError(f"{source}: no usable records" + (f" ({len(skipped)} skipped)" if skipped else ""))
-    return PreferenceDataset(records, source, skipped)
+    return PreferenceDataset(records, source, skipped, duplicates, images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,12 +470,41 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         raise ImportError("reading the official SymMPO parquet needs pyarrow: pip install pyarrow") from None
     files = parquet_files(path) if path.is_dir() else [path]
     for file in files:
-        i = 0
+        yield from _parquet_rows(file)
+
+
+def _parquet_rows(file: Path) -> Iterator[tuple[str, dict]]:
+    """One shard's rows; a shard that cannot be read (empty, truncated, not parquet) is one bad record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
         for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
             for row in batch.to_pylist():
                 idx = f" (idx {row['idx']})" if row.get("idx") is not None else ""
                 yield f"{file}: record {i}{idx}", normalise_row(row, file.parent)
                 i += 1
+    except (pa.ArrowException, OSError, ValueError) as e:
+        rows = f"rows from {i} on" if i else "the whole shard"
+        yield f"{file}: {rows}", {"_error": RecordProblem(
+            "unreadable_shard", f"not a readable parquet file: {e}", "re-download or remove the shard")}
+
+
+def _not_an_object(row) -> dict:
+    return {"_error": RecordProblem("not_an_object", f"expected an object, got {type(row).__name__}",
+                                    "write each record as a JSON object of field: value")}
+
+
+def _surrogates(value) -> int:
+    """Lone surrogates in every string (keys too) of a parsed JSON value."""
+    if isinstance(value, str):
+        return len(_SURROGATE.findall(value))
+    if isinstance(value, dict):
+        return sum(_surrogates(k) + _surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_surrogates(v) for v in value)
+    return 0
 
 
 def parquet_files(directory: Path) -> list[Path]:
@@ -412,34 +526,51 @@ def parquet_files(directory: Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    # Undecodable bytes are kept as lone surrogates, so that only the records holding them are bad;
+    # each is named with the line of its first such byte (records and their bytes come in file order).
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    bad_lines = [text.count("\n", 0, m.start()) + 1 for m in _SURROGATE.finditer(text)]
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecordError(f"{path}: not valid JSON: {e}") from None
+        raise BadRecordError(f"{path}: not valid JSON: {e}; fix: repair the file", "invalid_json") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise BadRecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise BadRecordError(f"{path}: expected a JSON list of records, got {type(data).__name__}", "not_an_object")
+    seen = 0
     for i, row in enumerate(data):
+        where = f"{path}: record {i}"
+        n = _surrogates(row)
+        if n and seen < len(bad_lines):
+            where += f" (line {bad_lines[seen]})"
+        seen += n
         if not isinstance(row, dict):
-            yield f"{path}: record {i}", {"_error": f"expected an object, got {type(row).__name__}"}
+            yield where, _not_an_object(row)
             continue
-        yield f"{path}: record {i}", normalise_row(row, path.parent)
+        yield where, normalise_row(row, path.parent)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path) as fh:
-        for i, line in enumerate(fh):
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            where = f"{path}: line {i + 1}"
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, {"_error": RecordProblem("not_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                                                      "is not UTF-8", _UTF8_FIX)}
+                continue
             if not line.strip():
                 continue
-            where = f"{path}: line {i + 1}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, {"_error": f"not valid JSON: {e}"}
+                yield where, {"_error": RecordProblem("invalid_json", f"not valid JSON: {e}",
+                                                      "repair the line or remove it")}
                 continue
             if not isinstance(row, dict):
-                yield where, {"_error": f"expected an object, got {type(row).__name__}"}
+                yield where, _not_an_object(row)
                 continue
             yield where, normalise_row(row, path.parent)
 
@@ -489,9 +620,14 @@ def detect_format(path: str) -> str:
 
 
 def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", image_root: str = "",
-                 skip_bad_records: bool = False, max_records: int = 0, images: bool = True) -> PreferenceDataset:
+                 skip_bad_records: bool = False, max_records: int = 0, images: ImagePolicy = ImagePolicy(),
+                 check: Check | None = None, text_only: bool = False) -> PreferenceDataset:
     """Read and validate a preference data set; see the module docstring for the formats.
-    ``images=False``: text preference data for a text-only model (DPO)."""
+
+    ``images``: how image paths are confined and decoded (:class:`symmpo_fast.images.ImagePolicy`);
+    ``check``: the trainer's own checks of each record (:data:`Check`); ``text_only``: text
+    preference data for a text-only model (DPO).
+    """
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "hf":
         source, rows = _read_hf(path)
@@ -499,6 +635,8 @@ def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", ima
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"data {path} does not exist")
+        if not p.is_dir() and not p.is_file():  # a FIFO would block the reader
+            raise ValueError(f"data {path} is not a regular file or a directory")
         source = str(p)
         reader = {"symmpo_parquet": _read_parquet, "mdpo_json": _read_json, "jsonl": _read_jsonl}.get(fmt)
         if reader is None:
@@ -506,7 +644,7 @@ def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", ima
         rows = reader(p)
     if image_root:
         rows = ((w, {**r, "_base": Path(image_root)}) for w, r in rows)
-    return _collect(rows, source, objective, skip_bad_records, max_records, images)
+    return _collect(rows, source, objective, skip_bad_records, max_records, images, check, text_only)
 
 
 def write_jsonl(dataset: PreferenceDataset, out_dir: str | Path, name: str = "data.jsonl") -> Path:

@@ -161,7 +161,7 @@ def test_text_data_formats(tmp_path):
              "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No"}]}]
     path = tmp_path / "text.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = formats.load_dataset(str(path), objective="dpo", images=False)
+    ds = formats.load_dataset(str(path), objective="dpo", text_only=True)
     assert ds[0] == {"id": ds[0]["id"], "prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5", "digest": ds[0]["digest"]}
     assert ds[1]["question"] == "Colour of grass?"
     assert ds[3]["prompt"] == [{"role": "user", "content": "Hi"}]
@@ -175,16 +175,16 @@ def test_text_data_formats(tmp_path):
                    + json.dumps({"prompt": "x", "chosen": "", "rejected": "z"}) + "\n"
                    + json.dumps({"image": "a.png", "question": "q", "chosen": "y", "rejected": "z"}) + "\n")
     with pytest.raises(formats.BadRecordError, match="line 1: field 'chosen' has a message of role 'user'"):
-        formats.load_dataset(str(bad), objective="dpo", images=False)
+        formats.load_dataset(str(bad), objective="dpo", text_only=True)
     lines = bad.read_text().splitlines()
     bad.write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(formats.BadRecordError, match="line 1: field 'chosen' is empty"):
-        formats.load_dataset(str(bad), objective="dpo", images=False)
+        formats.load_dataset(str(bad), objective="dpo", text_only=True)
     bad.write_text(lines[2] + "\n")
     with pytest.raises(formats.BadRecordError, match="has an image, which a text-only model cannot see"):
-        formats.load_dataset(str(bad), objective="dpo", images=False)
+        formats.load_dataset(str(bad), objective="dpo", text_only=True)
     with pytest.raises(ValueError, match="needs images"):
-        formats.load_dataset(str(path), objective="symmpo", images=False)
+        formats.load_dataset(str(path), objective="symmpo", text_only=True)
 
 
 def test_sliding_window_is_checked():

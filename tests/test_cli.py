@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,41 @@ def test_config_errors(tmp_path):
         TrainConfig(finetune="full", reference="adapter")
     with pytest.raises(ValueError, match="beta"):
         TrainConfig(beta=-1.0)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("learning_rate", INF, "learning_rate must be a finite number, got inf"),
+    ("learning_rate", NAN, "learning_rate must be a finite number, got nan"),
+    ("max_records", -1, r"max_records must be >= 0 \(0: all records\), got -1"),
+    ("save_steps", -1, r"save_steps must be >= 0 \(0: only at the end\)"),
+    ("max_grad_norm", -1.0, r"max_grad_norm must be >= 0 \(0: no clipping\)"),
+    ("max_grad_norm", NAN, "max_grad_norm must be a finite number"),
+    ("lora_r", 0, "lora_r must be >= 1, got 0"),
+    ("num_workers", -1, "num_workers must be >= 0"),
+    ("eval_steps", -5, "eval_steps must be >= 0"),
+    ("weight_decay", INF, "weight_decay must be a finite number"),
+    ("warmup_ratio", NAN, "warmup_ratio must be a finite number"),
+    ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\), got 1.0"),
+    ("adam_beta2", -0.1, r"adam_beta2 must be in \[0, 1\)"),
+    ("num_epochs", INF, "num_epochs must be a finite number"),
+    ("synthetic_records", 0, "synthetic_records must be >= 1"),
+    ("max_image_pixels", 0, "max_image_pixels must be >= 1"),
+])
+def test_numeric_options_are_validated_with_their_name(field, value, says):
+    with pytest.raises(ValueError, match=says):
+        TrainConfig(**{field: value})
+
+
+def test_a_non_finite_option_on_the_command_line_stops_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    for flag, value in (("--learning-rate", "inf"), ("--max-records", "-1"), ("--lora-r", "0")):
+        assert cli.main(["train", flag, value, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("symmpo-fast train: error: ") and flag[2:].replace("-", "_") in err
+    assert not out.exists()
 
 
 def test_shipped_configs_load_and_demo_config_matches_the_demo():
@@ -156,6 +192,41 @@ def test_passthrough_commands_are_delegated(monkeypatch, capsys, command):
     monkeypatch.setattr(importlib, "import_module", lambda name, package=None: type(
         "M", (), {"main": staticmethod(lambda argv: calls.append(argv) or 0)}))
     assert cli.main([command, "--x", "1"]) == 0 and calls == [["--x", "1"]]
+
+
+def readme_demo_table() -> str:
+    """The table of README.md's quick-start block: the fenced block that starts with the demo's
+    header, up to its first blank line (the plot path and time after it are not compared)."""
+    blocks = re.findall(r"^```\w*\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
+    tables = [b for b in blocks if b.lstrip().startswith("held-out, prior broken")]
+    assert len(tables) == 1, "README.md must hold one demo output block"
+    return tables[0].split("\n\n")[0].rstrip()
+
+
+def test_the_readme_block_parses_to_the_demo_table_layout():
+    """What the slow test below compares is the whole table: every row the demo prints, in order."""
+    from symmpo_fast.train.demo import _ROWS, format_table
+
+    table = readme_demo_table()
+    assert [line[2:42].rstrip() for line in table.splitlines()[1:]] == [label for _, label, _ in _ROWS]
+    numbers = [float(v.rstrip("%")) for line in table.splitlines()[1:] for v in line.split()[-2:]]
+    ev = {"eval/records": 256}
+    before = {**ev, **{f"eval/{k}": 0.5 for k, _, _ in _ROWS}}
+    assert format_table(before, before) != table and len(numbers) == 12  # another run's table differs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the README's numbers are the CPU run's (the demo trains on "
+                                                      "CUDA where there is one)")
+def test_the_readme_shows_what_make_demo_prints(tmp_path):
+    """`make demo` (about 80 s here) against README.md's quick-start block.  When a change moves the
+    numbers, run `symmpo-fast demo` and paste its table into the block: nothing else needs editing."""
+    from symmpo_fast.train.demo import run_demo
+
+    printed = []
+    run_demo(tmp_path, seed=0, log=printed.append)
+    table = next(chunk.strip("\n") for chunk in printed if "held-out, prior broken" in chunk)
+    assert table == readme_demo_table(), f"README.md's demo block is out of date; the demo printed:\n{table}"
 
 
 @pytest.mark.slow

@@ -307,14 +307,18 @@ def test_lr_schedule_is_transformers_own(kind, total, ratio):
 # 4. data as users download it
 
 
-def _rows(tmp_path, n, start=0):
-    img = Image.new("RGB", (20, 20), (10, 200, 10))
+def _png_bytes(colour) -> bytes:
     import io
 
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rows(tmp_path, n, start=0):
+    m, m2 = _png_bytes((10, 200, 10)), _png_bytes((200, 10, 10))
     return [{"idx": start + i, "question": f" Q{start + i}? ", "resp_1_w": "a", "resp_1_l": "b", "resp_2_w": "c",
-             "image_1": {"bytes": buf.getvalue(), "path": None}, "image_2": {"bytes": buf.getvalue(), "path": None},
+             "image_1": {"bytes": m, "path": None}, "image_2": {"bytes": m2, "path": None},
              "image_path_1": "x", "image_path_2": "y"} for i in range(n)]
 
 

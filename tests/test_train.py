@@ -59,8 +59,8 @@ def test_resume_ignores_an_interrupted_save_and_refuses_other_settings(tmp_path)
     ckpt = Checkpointer(out)
     (out / "checkpoints" / "step-00000009").mkdir()  # a save that died before trainer_state.json
     (out / "checkpoints" / ".tmp-step-00000010").mkdir()
-    assert ckpt.latest().name == "step-00000002" and len(ckpt.complete()) == 1
-    with pytest.raises(RuntimeError, match="other settings"):
+    assert ckpt.choose()["path"] == str(out / "checkpoints" / "step-00000002") and len(ckpt.complete()) == 1
+    with pytest.raises(ValueError, match="other settings .*seed 0 -> 1"):
         train(config(out, max_steps=2, resume=True, seed=1))
 
 
@@ -72,10 +72,12 @@ def test_reference_cache_gives_the_copy_reference_losses(tmp_path):
     precompute(config(tmp_path / "cache", **kw))
     run(tmp_path / "cache", reference="cache", **kw)
     assert losses(tmp_path / "cache") == pytest.approx(losses(tmp_path / "copy"), rel=1e-6)
+    # The directory holds the cached run: overwrite it, which the failed cache check never gets to do.
     with pytest.raises(RuntimeError, match="model changed"):
-        train(config(tmp_path / "cache", reference="cache", **{**kw, "seed": 1}))  # other tiny weights
+        train(config(tmp_path / "cache", reference="cache", overwrite=True, **{**kw, "seed": 1}))  # other weights
     with pytest.raises(RuntimeError, match="data changed"):
-        train(config(tmp_path / "cache", reference="cache", synthetic_records=40, **kw))
+        train(config(tmp_path / "cache", reference="cache", overwrite=True, synthetic_records=40, **kw))
+    assert losses(tmp_path / "cache") == pytest.approx(losses(tmp_path / "copy"), rel=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

@@ -6,19 +6,14 @@ copy as reference, and that FSDP2 run interrupted and resumed from its sharded c
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from train_helpers import losses, one_thread, run  # noqa: F401  (one_thread: the fixture)
+from train_helpers import losses, one_thread, run, torchrun  # noqa: F401  (one_thread: the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-HELPER = Path(__file__).with_name("train_helpers.py")
 
 
 def last_row(output_dir) -> dict:
@@ -40,12 +35,7 @@ def test_two_processes_fsdp_and_ddp_equal_one(tmp_path):
         [str(tmp_path / "fsdp_full"), 0, {**FULL, "parallel": "fsdp"}],
         [str(tmp_path / "fsdp_full_resumed"), 3, {**FULL, "parallel": "fsdp"}],
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPER.parent.parent)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HELPER),
-         json.dumps(jobs)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(jobs)
 
     one_lora, one_full = losses(tmp_path / "one_lora"), losses(tmp_path / "one_full")
     assert len(one_lora) == 3 and len(one_full) == 4

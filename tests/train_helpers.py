@@ -4,6 +4,8 @@ worker that ``torchrun`` starts for the distributed tests (``torchrun ... tests/
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,10 +59,35 @@ def run(output_dir, interrupt: int = 0, **overrides) -> None:
     train(config(output_dir, resume=True, **overrides))
 
 
+def torchrun(jobs: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """This file's ``__main__`` under ``torchrun --nproc_per_node nproc``: every process runs every job."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), __file__,
+         json.dumps(jobs)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def flip_last_bytes(path, n: int = 8) -> None:
+    """Damage a file the way bit rot does: same size, other bytes (the end of a safetensors file is tensor data)."""
+    data = bytearray(Path(path).read_bytes())
+    for i in range(1, n + 1):
+        data[-i] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
 if __name__ == "__main__":
-    # argv[1]: JSON list of [output_dir, interrupt, overrides]; every process runs every job.
+    # argv[1]: JSON list of [output_dir, interrupt, overrides] or [..., file to damage first];
+    # every process runs every job.
     from symmpo_fast.train import distributed
 
-    for out, interrupt, overrides in json.loads(sys.argv[1]):
+    for job in json.loads(sys.argv[1]):
+        out, interrupt, overrides = job[:3]
+        if len(job) > 3:  # after a first job, so the process group exists for the barrier
+            if distributed.rank() == 0:
+                flip_last_bytes(Path(out) / job[3])
+            distributed.barrier()
         run(out, interrupt, **overrides)
     distributed.shutdown()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ..images import MAX_PIXELS, ImagePolicy
 from ..objectives import ObjectiveConfig
 
 # ObjectiveConfig fields that a run may override on top of the objective's preset.
@@ -42,7 +43,10 @@ class TrainConfig:
     seed: int = _f(0, "Seed of the data order, the model's random init (tiny) and every RNG.")
     max_steps: int = _f(0, "Optimizer steps to run; 0 means num_epochs passes over the data.")
     num_epochs: float = _f(1.0, "Passes over the training data when max_steps is 0.")
-    resume: bool = _f(False, "Continue from the newest complete checkpoint in output_dir/checkpoints.")
+    resume: bool = _f(False, "Continue from the newest intact checkpoint in output_dir/checkpoints (from scratch "
+                      "when there is none yet); only the settings listed in docs/reliability.md may change.")
+    overwrite: bool = _f(False, "Delete what a previous run left in output_dir (config.yaml, metrics, checkpoints, "
+                         "final model) and start over; without it or resume, such a directory is refused.")
 
     # --- model ---------------------------------------------------------------------------------
     model: str = _f("tiny", "LLaVA checkpoint: a Hub name or local path in the llava-hf layout "
@@ -102,6 +106,10 @@ class TrainConfig:
     max_records: int = _f(0, "Use at most this many training records (0: all).", group="data")
     skip_bad_records: bool = _f(False, "Skip and count records that fail validation instead of stopping.",
                                 group="data")
+    max_image_pixels: int = _f(MAX_PIXELS, "Largest image in pixels (width x height); JPEGs above it are decoded "
+                               "at 1/2, 1/4 or 1/8 scale, other formats are bad records.", group="data")
+    allow_outside_image_root: bool = _f(False, "Read image paths that leave the image root (absolute paths, '..', "
+                                        "symbolic links out of it); refused by default.", group="data")
     max_length: int = _f(2048, "Longest sequence (prompt + image tokens + response) in tokens.", group="data")
     truncation: str = _f("drop", "A record longer than max_length: 'drop' it, cut its question ('question'), or cut "
                          "each sequence on the right ('right', the official code's: the response loses its tail); "
@@ -154,13 +162,25 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-        for name in ("global_batch_size", "micro_batch_size", "max_length", "keep_checkpoints", "max_bad_steps"):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if _base_type(hints[f.name]) is float and v is not None and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+        for name in _POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.num_epochs <= 0:
-            raise ValueError("max_steps must be >= 0 and num_epochs > 0")
-        if self.learning_rate < 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("learning_rate must be >= 0 and warmup_ratio in [0, 1)")
+        for name, meaning in _NON_NEGATIVE.items():
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 ({meaning}), got {getattr(self, name)}")
+        for name, (low, high) in _RANGES.items():
+            if not low <= getattr(self, name) < high:
+                raise ValueError(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
+        if self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                             "overwrite deletes it")
         if self.reference == "adapter" and self.finetune != "lora":
             raise ValueError("reference=adapter needs finetune=lora (the reference is the model with adapters off); "
                              "use reference=copy or cache for full fine-tuning")
@@ -216,12 +236,62 @@ class TrainConfig:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from None
 
-    def fingerprint(self) -> str:
-        """The settings that must not change across --resume (model, objective, data order, batch)."""
-        keep = ("model", "finetune", "lora_r", "lora_alpha", "lora_target_modules", "train_vision_tower", "objective",
-                *_OBJECTIVE_FIELDS, "data", "max_records", "synthetic_records", "seed", "global_batch_size",
-                "prompt_format", "system_prompt", "mdpo_crop", "truncation", "max_length")
-        return json.dumps({k: getattr(self, k) for k in keep}, sort_keys=True)
+    @property
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(self.max_image_pixels, self.allow_outside_image_root)
+
+    def resume_changes(self, saved: dict, where: str) -> list[str]:
+        """How this config differs from ``saved``, the settings a checkpoint was written with: one
+        line per change that :data:`RESUME_MAY_CHANGE` allows (and the loop applies); a change of
+        any other field raises, naming every one.  A field ``saved`` lacks (written before the
+        field existed) counts as its default."""
+        applied, refused = [], []
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            old, new = saved.get(f.name, default), getattr(self, f.name)
+            if old == new or f.name in ("resume", "overwrite"):  # how to start, not what to train
+                continue
+            change = f"{f.name} {old!r} -> {new!r}"
+            if f.name in RESUME_MAY_CHANGE:
+                applied.append(f"{change}: {RESUME_MAY_CHANGE[f.name]}" if RESUME_MAY_CHANGE[f.name] else change)
+            else:
+                refused.append(change)
+        if refused:
+            raise ValueError(f"{where} was written with other settings ({'; '.join(refused)}), which a resumed run "
+                             f"may not change (only {', '.join(sorted(RESUME_MAY_CHANGE))} may): resume with the "
+                             "run's own config.yaml, or pass --overwrite to start over")
+        return applied
+
+
+# Every positive / non-negative count, every bounded float: validated with the field's name.
+_POSITIVE = ("global_batch_size", "micro_batch_size", "max_length", "keep_checkpoints", "max_bad_steps", "lora_r",
+             "lora_alpha", "synthetic_records", "synthetic_eval_records", "max_image_pixels")
+_NON_NEGATIVE = {"max_steps": "0: num_epochs passes", "max_records": "0: all records",
+                 "save_steps": "0: only at the end", "eval_steps": "0: never during training",
+                 "num_workers": "0: load in the training process", "learning_rate": "a step size",
+                 "weight_decay": "a decay rate", "max_grad_norm": "0: no clipping"}
+_RANGES = {"warmup_ratio": (0, 1), "lora_dropout": (0, 1), "adam_beta1": (0, 1), "adam_beta2": (0, 1)}
+
+_SAME_DATA = "the data read must be the same records (checked by content fingerprint)"
+_SPEED = "speed and memory only"
+# What may differ between a run and its --resume, and what the resumed run does with it.  Every
+# other field must equal the checkpoint's: checked before any checkpoint is loaded or file written.
+RESUME_MAY_CHANGE = {
+    "max_steps": "the schedule is recomputed over the new total, so the resumed steps get the learning rate "
+                 "an uninterrupted run of that length has at the same step",
+    "num_epochs": "as max_steps",
+    "learning_rate": "the new peak, applied from the resumed step on along the same schedule",
+    "max_grad_norm": "applied from the resumed step on",
+    "max_bad_steps": "applied from the resumed step on",
+    "save_steps": "", "keep_checkpoints": "", "eval_steps": "", "eval_data": "", "synthetic_eval_records": "",
+    "micro_batch_size": "gradient accumulation changes, the global batch does not",
+    "parallel": "the checkpoint's layout must fit (an FSDP checkpoint needs FSDP and its number of processes)",
+    "gradient_checkpointing": _SPEED, "liger": _SPEED, "backend": _SPEED, "packing": _SPEED, "num_workers": _SPEED,
+    "progress": "", "tensorboard": "", "output_dir": "", "ref_cache": "",
+    "data": _SAME_DATA, "data_format": _SAME_DATA, "image_root": _SAME_DATA, "max_records": _SAME_DATA,
+    "skip_bad_records": _SAME_DATA, "synthetic_records": _SAME_DATA, "max_image_pixels": _SAME_DATA,
+    "allow_outside_image_root": _SAME_DATA,
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Everything is written under the output directory: ``sft/`` (the warmed-up model)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -126,7 +127,7 @@ def _run_demo(out: Path, seed: int, quick: bool, log) -> dict:
 
     cfg = demo_config(out / "symmpo", sft_dir, seed=seed, quick=quick)
     log(f"[3/4] SymMPO: {cfg.max_steps} steps of {cfg.global_batch_size} records, reference = the warmed-up model")
-    train(cfg)
+    train(dataclasses.replace(cfg, overwrite=True))  # `make demo` again trains again
 
     log("[4/4] evaluating the SymMPO model")
     trained, processor = load_base(str(out / "symmpo" / "final"), seed, torch.device("cpu"), torch.float32)

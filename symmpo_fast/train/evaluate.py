@@ -149,7 +149,7 @@ def run_eval(cfg, generate: bool = True) -> dict[str, float]:
     name = cfg.model
     if (Path(name) / "final").is_dir():  # a training output directory
         name = str(Path(name) / "final")
-    data = load_eval_data(cfg, model_has_images(name))
+    data = load_eval_data(cfg, text_only=not model_has_images(name))
     if data is None:
         raise ValueError("eval needs --eval-data (a data file, or 'synthetic' for the generated held-out split)")
     device = dist_utils.init()

@@ -27,10 +27,12 @@ from .. import formats
 from ..data import PreferenceCollator
 from ..synthetic import SyntheticConfig, build_split, build_text_split
 from . import distributed as dist_utils
+from . import rundir
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .evaluate import eval_objective, logp_metrics
 from .model import Models, PreferenceModule, autocast, build, export, model_has_images
+from .prepare import record_check
 from .progress import MetricsLogger
 from .refcache import ReferenceCache, cache_fingerprint
 
@@ -49,25 +51,49 @@ def check_model_and_objective(cfg: TrainConfig) -> bool:
     return images
 
 
-def load_data(cfg: TrainConfig, images: bool = True) -> formats.PreferenceDataset:
-    """The training data; ``images=False``: text preference data for a text-only model."""
+def _check(cfg: TrainConfig, processor, crop: bool):
+    return record_check(processor, cfg.seed, crop=crop and cfg.mdpo_crop == "seeded") if processor is not None else None
+
+
+def load_data(cfg: TrainConfig, processor=None, text_only: bool = False) -> formats.PreferenceDataset:
+    """The training records; with the run's ``processor`` they are also checked for what the
+    collator would refuse mid-run (see :func:`symmpo_fast.train.prepare.record_check`).  A text
+    model (its processor a tokenizer, or ``text_only``) reads text preference data."""
+    if processor is not None:
+        text_only = not hasattr(processor, "image_processor")
     if cfg.data == "synthetic" or cfg.data_format == "synthetic":
         n = cfg.max_records or cfg.synthetic_records
-        return build_split("train", n, SyntheticConfig()) if images else build_text_split("train", n)
+        return build_text_split("train", n) if text_only else build_split("train", n, SyntheticConfig())
     return formats.load_dataset(cfg.data, cfg.data_format, objective=cfg.objective, image_root=cfg.image_root,
-                                skip_bad_records=cfg.skip_bad_records, max_records=cfg.max_records, images=images)
+                                skip_bad_records=cfg.skip_bad_records, max_records=cfg.max_records,
+                                images=cfg.image_policy, check=_check(cfg, processor, cfg.objective == "mdpo"),
+                                text_only=text_only)
 
 
-def load_eval_data(cfg: TrainConfig, images: bool = True) -> formats.PreferenceDataset | None:
+def load_eval_data(cfg: TrainConfig, processor=None, text_only: bool = False) -> formats.PreferenceDataset | None:
     if not cfg.eval_data:
         return None
+    if processor is not None:
+        text_only = not hasattr(processor, "image_processor")
     if cfg.eval_data == "synthetic":
-        if not images:
+        if text_only:
             return build_text_split("heldout", cfg.synthetic_eval_records)
         return build_split("heldout", cfg.synthetic_eval_records, SyntheticConfig())
-    # Evaluation needs y_w, y_l and m; contrast fields are used when every record has them.
+    # Evaluation needs y_w, y_l and m; contrast fields are used when every record has them, else
+    # mDPO's crop stands in for m', hence the crop check.
     return formats.load_dataset(cfg.eval_data, "auto", objective="dpo", image_root=cfg.image_root,
-                                skip_bad_records=cfg.skip_bad_records, images=images)
+                                skip_bad_records=cfg.skip_bad_records, images=cfg.image_policy,
+                                check=_check(cfg, processor, crop=not text_only), text_only=text_only)
+
+
+def data_counts(dataset: formats.PreferenceDataset) -> dict[str, int]:
+    """Skipped records by kind and kept duplicates, as flat metrics (none when there are none)."""
+    counts = {f"bad_records/{k}": n for k, n in dataset.skipped_by_kind().items()}
+    if counts:
+        counts["bad_records"] = len(dataset.skipped)
+    if dataset.duplicates:
+        counts["duplicate_records"] = len(dataset.duplicates)
+    return counts
 
 
 class _Indexed:
@@ -138,6 +164,21 @@ class StepSchedule:
             if len(step_batches) == self.accumulation:
                 yield step_batches
                 step_batches = []
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total: int, start: int):
+    """The learning rate of step ``start + k``: ``learning_rate * lr_lambda(total)(start + k)``.
+
+    A function of the step and this run's settings alone, never of what a checkpoint stored: a
+    run resumed with a new peak ``learning_rate`` uses it from ``start`` on, and one resumed with
+    a larger ``max_steps`` continues on the schedule of the new total at the same step (the
+    learning rate an uninterrupted run of that length has there), instead of the old schedule's
+    end, lr 0.  The optimizer state read from a checkpoint carries the old rates, hence the reset.
+    """
+    f = lr_lambda(total, cfg.warmup_ratio, cfg.lr_scheduler)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = cfg.learning_rate
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: f(start + k))
 
 
 def lr_lambda(total: int, warmup_ratio: float, kind: str) -> Callable[[int], float]:
@@ -287,6 +328,25 @@ def _clip(params, max_norm: float) -> float:
     return float(norm)
 
 
+def nonfinite_tensors(params) -> int:
+    """How many trainable tensors hold a NaN or an infinity, over every process (a collective;
+    one host sync): checked before every checkpoint and export, never per step."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    if not local:
+        return 0
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).sum().double().cpu().reshape(1)
+    return int(dist_utils.all_reduce_sum(bad).item())
+
+
+def _refuse_nonfinite(params, step: int, what: str, ckpt: Checkpointer) -> None:
+    n = nonfinite_tensors(params)
+    if n:
+        kept = ckpt.complete()
+        raise RuntimeError(f"after step {step}, {n} of {len(params)} trainable tensors hold NaN or inf: {what} (the "
+                           f"newest checkpoint is {kept[-1] if kept else 'none'}). Lower learning_rate, check the data "
+                           "for broken records, or train in dtype float32")
+
+
 def _oom_message(cfg: TrainConfig) -> str:
     return (f"out of memory with micro_batch_size={cfg.micro_batch_size}: lower --micro-batch-size (gradient "
             f"accumulation keeps global_batch_size={cfg.global_batch_size}), add --gradient-checkpointing, use "
@@ -302,19 +362,36 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     rank, world = dist_utils.rank(), dist_utils.world_size()
     parallel = resolve_parallel(cfg, world)
     out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(out / "config.yaml")
+    # Check first, write after: nothing in output_dir changes until every check below has passed
+    # (the run directory, the settings against the checkpoint's, the data, the reference cache).
+    ckpt = Checkpointer(out, cfg.keep_checkpoints, sharded=parallel == "fsdp")
+    resumed = ckpt.choose() if cfg.resume else None
+    rundir.check(out, cfg.resume, cfg.overwrite, has_checkpoint=resumed is not None)
+    changes = cfg.resume_changes(resumed["settings"], resumed["path"]) if resumed else []
+    start = resumed["step"] if resumed else 0
     seed_everything(cfg.seed)
     objective = cfg.objective_config()
 
-    images = check_model_and_objective(cfg)
-    dataset = load_data(cfg, images)
-    eval_data = load_eval_data(cfg, images)
+    check_model_and_objective(cfg)  # before any weight is loaded
     models = build(cfg, device)
+    dataset = load_data(cfg, models.processor)
+    eval_data = load_eval_data(cfg, models.processor)
+    if resumed and resumed["data"] != dataset.fingerprint():
+        raise RuntimeError(f"{resumed['path']} was trained on other records than {cfg.data} now gives (their content "
+                           "fingerprint differs): resume with the same data, or pass --overwrite to start over")
+    schedule = StepSchedule(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, world, rank, cfg.seed)
+    total = cfg.max_steps or max(1, int(cfg.num_epochs * schedule.steps_per_epoch))
+    if start > total:
+        raise ValueError(f"{resumed['path']} is at step {start}, past this run's {total} steps: raise max_steps")
     collator = PreferenceCollator(models.processor, cfg.objective, **cfg.collator_kwargs())
     root = PreferenceModule(models.policy, objective, cfg.packing, cfg.backend)
     ref_root = PreferenceModule(models.reference, objective, cfg.packing, cfg.backend) if models.reference else None
+    reference = make_reference(cfg, models, dataset, collator, root, ref_root, device)
+    dist_utils.barrier()  # every process has checked before process 0 writes
+    if rank == 0:
+        rundir.start(out, cfg.overwrite, cfg.to_yaml())
+    dist_utils.barrier()
+
     train_root = root
     if parallel == "fsdp":
         gather = models.dtype if device.type == "cuda" and models.dtype != torch.float32 else None
@@ -325,78 +402,81 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         train_root = dist_utils.wrap_ddp(root, device)
     # Dropout and other runtime randomness differ per process, the model init did not.
     seed_everything(cfg.seed + rank)
-    reference = make_reference(cfg, models, dataset, collator, root, ref_root, device)
 
     params = [p for p in root.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    schedule = StepSchedule(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, world, rank, cfg.seed)
-    total = cfg.max_steps or max(1, int(cfg.num_epochs * schedule.steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_ratio, cfg.lr_scheduler))
-    ckpt = Checkpointer(out, cfg.keep_checkpoints, sharded=parallel == "fsdp")
-
-    start, bad = 0, 0
-    if cfg.resume:
-        latest = ckpt.latest()
-        if latest is not None:
-            state = ckpt.load(latest, root, optimizer, scheduler)
-            if state.get("fingerprint") != cfg.fingerprint():
-                raise RuntimeError(f"{latest} was written by a run with other settings (model, objective, data, "
-                                   f"seed or global batch); resume with the config in {out / 'config.yaml'}")
-            start, bad = state["step"], state.get("bad_steps", 0)
+    bad = 0
+    if resumed:
+        ckpt.load(Path(resumed["path"]), root, optimizer)
+        bad = resumed["bad_steps"]
+    scheduler = make_scheduler(optimizer, cfg, total, start)
     logger = MetricsLogger(out, total, start, progress=cfg.progress, tensorboard=cfg.tensorboard, enabled=rank == 0)
+    counts = data_counts(dataset)
     if rank == 0:
-        skipped = f", {len(dataset.skipped)} bad records skipped" if dataset.skipped else ""
-        logger.write(f"symmpo-fast: {cfg.objective} on {len(dataset)} records{skipped}, {total} steps of "
+        problems = f" ({dataset.problems()})" if dataset.problems() else ""
+        logger.write(f"symmpo-fast: {cfg.objective} on {len(dataset)} records{problems}, {total} steps of "
                      f"{cfg.global_batch_size} records ({world} process(es) x {schedule.accumulation} micro-batches "
                      f"of {cfg.micro_batch_size}), {parallel if parallel != 'none' else 'one process'}, "
-                     f"{'resuming at step ' + str(start) if start else 'from scratch'}")
+                     f"{'resuming at step ' + str(start) + ' from ' + resumed['path'] if resumed else 'from scratch'}")
+        for change in changes:
+            logger.write(f"  resumed with {change}")
+        if eval_data is not None and eval_data.problems():
+            logger.write(f"  evaluation data {cfg.eval_data}: {eval_data.problems()}")
 
     row: dict = {}
     t_last = time.perf_counter()
-    for step, micro in zip(range(start, total), schedule.loader(dataset, collator, start, total, cfg.num_workers)):
-        try:
-            res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world)
-            grad_norm = _clip(params, cfg.max_grad_norm)
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(_oom_message(cfg)) from e
-        finite = math.isfinite(res.metrics["loss"]) and math.isfinite(grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if finite:
-            optimizer.step()
-            bad = 0
-        else:
-            bad += 1
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        now = time.perf_counter()
-        row = {"step": step + 1, **res.metrics, "lr": lr, "grad_norm": grad_norm, "records": res.records,
-               "tokens_per_s": res.tokens / max(now - t_last, 1e-9)}
-        t_last = now
-        if res.dropped or res.truncated:
-            row.update(dropped=res.dropped, truncated=res.truncated)
-        if not finite:
-            row["skipped"] = True
-            logger.write(f"step {step + 1}: non-finite loss or gradient (loss {res.metrics['loss']}, grad norm "
-                         f"{grad_norm}); step skipped ({bad} in a row)")
-        if eval_data is not None and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
-            row.update(_evaluate(root, eval_data, models, cfg, device))
-        logger.log(row)
-        if on_step is not None:
-            on_step(step + 1, row)
-        if bad >= cfg.max_bad_steps:
-            logger.close()
-            raise RuntimeError(f"{bad} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
-                               "stopping. Lower learning_rate, check the data for broken records, or train in "
-                               "dtype float32")
-        last = step + 1 == total
-        if last or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
-            state = {"bad_steps": bad, "fingerprint": cfg.fingerprint(),
-                     "records_seen": (step + 1) * cfg.global_batch_size}
-            ckpt.save(step + 1, root, optimizer, scheduler, state)
-    logger.close()
+    try:
+        for step, micro in zip(range(start, total), schedule.loader(dataset, collator, start, total, cfg.num_workers)):
+            try:
+                res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world)
+                grad_norm = _clip(params, cfg.max_grad_norm)
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(_oom_message(cfg)) from e
+            finite = math.isfinite(res.metrics["loss"]) and math.isfinite(grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            if finite:
+                optimizer.step()
+                bad = 0
+            else:
+                bad += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            now = time.perf_counter()
+            row = {"step": step + 1, **res.metrics, "lr": lr, "grad_norm": grad_norm, "records": res.records,
+                   "tokens_per_s": res.tokens / max(now - t_last, 1e-9)}
+            t_last = now
+            if res.dropped or res.truncated:
+                row.update(dropped=res.dropped, truncated=res.truncated)
+            if counts:  # what the data set lost, once per (re)start
+                row.update(counts)
+                counts = {}
+            if not finite:
+                row["skipped"] = True
+                logger.write(f"step {step + 1}: non-finite loss or gradient (loss {res.metrics['loss']}, grad norm "
+                             f"{grad_norm}); step skipped ({bad} in a row)")
+            if eval_data is not None and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
+                row.update(_evaluate(root, eval_data, models, cfg, device))
+            logger.log(row)
+            if on_step is not None:
+                on_step(step + 1, row)
+            if not finite:  # a bad batch is skipped; non-finite weights are gone, no later step recovers them
+                _refuse_nonfinite(params, step + 1, "stopping", ckpt)
+            if bad >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad} steps in a row had a non-finite loss or gradient (last: step {step + 1}); "
+                                   "stopping. Lower learning_rate, check the data for broken records, or train in "
+                                   "dtype float32")
+            last = step + 1 == total
+            if last or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
+                _refuse_nonfinite(params, step + 1, "no checkpoint saved", ckpt)
+                state = {"bad_steps": bad, "records_seen": (step + 1) * cfg.global_batch_size,
+                         "settings": cfg.to_dict(), "data": dataset.fingerprint()}
+                ckpt.save(step + 1, root, optimizer, state)
+    finally:
+        logger.close()
 
     final = out / "final"
+    _refuse_nonfinite(params, total, "the model is not exported", ckpt)
     _export(root, models, cfg, final, parallel)
     if rank == 0:
         try:
@@ -407,7 +487,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         except ImportError:
             pass
     dist_utils.barrier()
-    return {"last": row, "final": str(final), "steps": total}
+    return {"last": row, "final": str(final), "steps": total, "bad_records": dataset.skipped_by_kind(),
+            "duplicate_records": len(dataset.duplicates)}
 
 
 def _evaluate(root, eval_data, models: Models, cfg: TrainConfig, device) -> dict:

@@ -1,8 +1,12 @@
-"""``symmpo-fast prepare-data``: validate a data set, report its problems and lengths, write it out.
+"""``symmpo-fast prepare-data``: validate a data set, report its problems and lengths, write it out;
+and the checks of a record that only the trainer's processor knows, which training runs too.
 
 The written form is our JSONL with every image as a PNG beside it.  For data without contrast
 images (mDPO, DPO) each row also gets ``mdpo_crop``: the cropped image m_l that the collator
 builds for mDPO's column 3 with this seed, so that it can be looked at before training.
+
+The report and the trainer see the same records: both read with :func:`record_check` of the
+same processor, so what ``prepare-data`` accepts, training accepts.
 """
 
 from __future__ import annotations
@@ -10,22 +14,83 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 from .. import formats
+from ..images import ImagePolicy, RecordProblem
+
+RESPONSES = ("chosen", "rejected", "contrast_chosen")
 
 
-def _length_report(dataset: formats.PreferenceDataset, model: str, objective: str, max_length: int, seed: int,
+def load_processor_for(model: str):
+    """The processor of ``model`` (a tiny model, a Hub name or a directory; a text model's is its
+    tokenizer) without loading its weights."""
+    from ..models import TINY_MODELS, build_tiny
+
+    if model in TINY_MODELS:
+        return build_tiny(model)[1]
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model)
+
+
+def special_texts(processor) -> tuple[str, ...]:
+    """Texts the tokenizer turns into special tokens wherever they occur (``</s>`` becomes EOS in
+    the middle of a response), the image placeholder included."""
+    tok = getattr(processor, "tokenizer", processor)
+    found = {getattr(processor, "image_token", None), *tok.all_special_tokens,
+             *(t.content for t in tok.added_tokens_decoder.values() if t.special)}
+    return tuple(sorted(t for t in found if t))
+
+
+def mdpo_crop(image, seed: int):
+    """mDPO's m_l of ``image`` exactly as the collator draws it: seeded by ``seed`` and the pixels."""
+    from ..data import _image_digest, random_crop
+
+    rng = random.Random(hashlib.sha256(f"{seed}:".encode() + _image_digest(image)).digest())
+    return random_crop(image, rng)
+
+
+def record_check(processor, seed: int, crop: bool) -> formats.Check:
+    """What the collator would refuse mid-run, checked when the data is read: a special token's
+    text in a response or the question (the image placeholder is the question's own), and with
+    ``crop`` (mDPO, or evaluation data without contrast images) an image too small for m_l."""
+    texts = special_texts(processor)
+
+    def alternatives(ts):
+        # One search per field, also for tokenizers with hundreds of reserved special tokens;
+        # "(?!)" matches nothing, where an empty pattern would match everywhere.
+        return re.compile("|".join(map(re.escape, ts)) or "(?!)")
+
+    anywhere = alternatives(texts)
+    in_question = alternatives([t for t in texts if t != getattr(processor, "image_token", None)])
+
+    def check(rec: dict) -> None:
+        for field in ("question", *RESPONSES):
+            value = rec.get(field)
+            if isinstance(value, list):  # a text model's conversational answer: its messages' texts
+                value = "\n".join(m["content"] for m in value)
+            found = value is not None and (in_question if field == "question" else anywhere).search(value)
+            if found:
+                t = found.group()
+                raise RecordProblem("special_token", f"field {field!r} contains {t!r}, a special token of the "
+                                    "tokenizer (it would be read as that token, not as text)",
+                                    f"remove {t!r} from the text")
+        if crop:
+            try:
+                mdpo_crop(rec["image"], seed)
+            except ValueError as e:
+                raise RecordProblem("image_too_small", f"image: {e}", "use a larger image (mDPO crops 1-20 % of "
+                                    "its area)") from None
+
+    return check
+
+
+def _length_report(dataset: formats.PreferenceDataset, processor, objective: str, max_length: int, seed: int,
                    prompt_format: str = "auto") -> dict:
     from ..data import PreferenceCollator
-    from ..models import load_processor
 
-    if model == "tiny":
-        processor = load_processor()
-    else:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(model)
     # The longest sequence of every record, measured with no length limit.
     collator = PreferenceCollator(processor, objective, max_length=10**9, seed=seed, prompt_format=prompt_format)
     longest = []
@@ -40,18 +105,13 @@ def _length_report(dataset: formats.PreferenceDataset, model: str, objective: st
 
 
 def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
-    from ..data import _image_digest, random_crop
-
     path = formats.write_jsonl(dataset, output)
     if dataset.has_fields(("contrast_image",)):
         return str(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for i, row in enumerate(rows):
-        image = dataset[i]["image"]
-        # The same seeding as the collator's, so this is the crop training will use.
-        rng = random.Random(hashlib.sha256(f"{seed}:".encode() + _image_digest(image)).digest())
         rel = f"images/{i:06d}_mdpo_crop.png"
-        random_crop(image, rng).save(Path(output) / rel)
+        mdpo_crop(dataset[i]["image"], seed).save(Path(output) / rel)
         row["mdpo_crop"] = rel
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -59,23 +119,33 @@ def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
 
 def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", image_root: str = "",
             skip_bad_records: bool = False, output: str = "", model: str = "", max_length: int = 2048,
-            seed: int = 0, prompt_format: str = "auto") -> dict:
-    """Validate ``data`` for ``objective``; returns the report that the command prints."""
+            seed: int = 0, images: ImagePolicy = ImagePolicy(), prompt_format: str = "auto") -> dict:
+    """Validate ``data`` for ``objective``; returns the report that the command prints.
+
+    The special tokens checked are ``model``'s, or without one the tiny model's (LLaVA-1.5's); a
+    text model's data is read as text preference data.
+    """
+    processor = load_processor_for(model or "tiny")
+    text_only = not hasattr(processor, "image_processor")
     dataset = formats.load_dataset(data, data_format, objective=objective, image_root=image_root,
-                                   skip_bad_records=skip_bad_records)
+                                   skip_bad_records=skip_bad_records, images=images,
+                                   check=record_check(processor, seed, crop=objective == "mdpo"), text_only=text_only)
     report = {
         "source": dataset.source,
         "format": formats.detect_format(data) if data_format == "auto" else data_format,
         "objective": objective,
         "usable": len(dataset),
         "skipped": len(dataset.skipped),
-        "problems": [{"record": s.where, "problem": s.problem} for s in dataset.skipped[:50]],
+        "skipped_by_kind": dataset.skipped_by_kind(),
+        "problems": [{"record": s.where, "kind": s.kind, "problem": s.problem} for s in dataset.skipped[:50]],
+        "duplicates": len(dataset.duplicates),
+        "duplicate_examples": [{"record": w, "same_as": first} for w, first in dataset.duplicates[:10]],
         "has_contrast": dataset.has_fields(("contrast_image", "contrast_chosen")),
         "has_reference_logps": dataset.has_fields(("ref_logps",)),
         "fingerprint": dataset.fingerprint(),
     }
     if model:
-        report.update(_length_report(dataset, model, objective, max_length, seed, prompt_format))
+        report.update(_length_report(dataset, processor, objective, max_length, seed, prompt_format))
     if output:
         report["written"] = _write(dataset, output, seed)
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -51,7 +52,7 @@ class MetricsLogger:
         if start_step == 0:
             self.path.unlink()
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start_step]
+        keep = [ln for ln, row in _rows(self.path) if row["step"] <= start_step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, row: dict) -> None:
@@ -91,13 +92,30 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """``(line, row)`` of every complete row.  A process killed while it appended a row leaves that
+    last line torn: it is dropped (its step is run again on resume), with a warning."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append((ln, json.loads(ln)))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON row, and not a torn last line either: "
+                                 "repair or remove it") from None
+            warnings.warn(f"{path}: dropping its torn last line (the run was killed while writing it)",
+                          RuntimeWarning, stacklevel=3)
+    return rows
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a training output directory")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [row for _, row in _rows(path)]
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:

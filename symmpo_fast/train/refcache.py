@@ -91,8 +91,9 @@ def precompute(cfg) -> Path:
 
     device = dist_utils.init()
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    dataset = load_data(cfg, check_model_and_objective(cfg))
+    check_model_and_objective(cfg)
     model, processor, dtype, fingerprint = build_reference(cfg, device)
+    dataset = load_data(cfg, processor)  # checked as training checks it: the same records, the same fingerprint
     collator = PreferenceCollator(processor, cfg.objective, **cfg.collator_kwargs())
     average = cfg.objective_config().average_logps
     keys: list[str] = []
