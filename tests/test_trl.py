@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
-from symmpo_fast.integrations import trl as sf_trl  # noqa: E402
+from symmpo_fast.integrations import _hf as sf_hf  # noqa: E402
 from symmpo_fast.integrations.trl import FusedDPOTrainer, FusedOptions  # noqa: E402
 from trl_helpers import (assert_metrics_close, build, grad_errors, one_batch, perturbed, text_records,  # noqa: E402
                          tiny_llama, tiny_llava_and_records, tokenizer, train_log)
@@ -178,8 +178,21 @@ def test_precompute_uses_our_head(tmp_path, monkeypatch):
     ref, data = perturbed(model, seed=6), text_records(4)
     build(DPOTrainer, model, ref, data, tok, tmp_path / "stock", precompute_ref_log_probs=True)
     calls = []
-    real = sf_trl.token_logps
-    monkeypatch.setattr(sf_trl, "token_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sf_hf.token_logps
+    monkeypatch.setattr(sf_hf, "token_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     ours = build(FusedDPOTrainer, model, ref, data, tok, tmp_path / "ours", precompute_ref_log_probs=True)
     assert len(calls) == 2  # 4 records, precompute batches of 2
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(ours.train_dataset.column_names)
+
+
+def test_prediction_step_with_logits(text, tmp_path):
+    """compute_metrics' path (deprecated in TRL): the loss of the fused pass and the full logits of one
+    more plain forward, as stock returns them."""
+    stock, ours = _pair(text, tmp_path, "ref_model")
+    batch = stock._prepare_inputs(next(iter(stock.get_train_dataloader())))
+    with pytest.warns(FutureWarning):
+        (l0, z0, y0), (l1, z1, y1) = (t.prediction_step(t.model, batch, prediction_loss_only=False)
+                                      for t in (stock, ours))
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert z1.shape == (*batch["input_ids"].shape, len(text.proc)) and torch.allclose(z1, z0)
+    assert torch.equal(y1, y0)

@@ -1,6 +1,8 @@
 """What every integration needs from a ``transformers`` model: its backbone's hidden states, its
-LM head (gathered when sharded), the logit transform its config declares, and the logit-based
-per-token statistics trainers log.  No trainer library is imported here.
+LM head (gathered when sharded), the logit transform its config declares, the logit-based
+per-token statistics trainers log, and the two passes built from them (the fused loss; the
+reference's sequence log-probs), each meant to run as the model's forward
+(:func:`~symmpo_fast.integrations.call_in_forward`).  No trainer library is imported here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..head import fused_preference_loss, token_logps
+from ..objectives import NUM_ROLES, ObjectiveConfig
 
 try:
     from torch.distributed.tensor import DTensor
@@ -151,3 +156,39 @@ def segment_sums(values: torch.Tensor, seq_index: torch.Tensor, n_seq: int) -> t
     """``[n_seq, ...]`` sums of ``values [n, ...]`` by ``seq_index [n]`` (all in ``[0, n_seq)``)."""
     out = values.new_zeros((n_seq, *values.shape[1:]))
     return out.index_add_(0, seq_index, values)
+
+
+Select = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``hidden [rows, T, D]`` -> ``(h [n, D], labels [n], seq_index [n])`` of the tokens that go through the head."""
+
+
+def fused_loss_pass(net: nn.Module, select: Select, ref_logps: torch.Tensor, cfg: ObjectiveConfig, backend: str,
+                    stats: bool, gather: GatherContext | None = None, **model_kwargs: Any):
+    """Backbone -> :func:`symmpo_fast.fused_preference_loss`: ``(loss, metrics, per_seq)``.
+
+    ``per_seq``: ``[B, 5, len(STATS)]`` sums of :func:`token_stats` per sequence when ``stats``,
+    else None.  ``ref_logps [B, 5]`` reduced like ``cfg.average_logps``.
+    """
+    h, labels, seg = select(last_hidden_state(net, **model_kwargs))
+    transform = LogitTransform.from_config(net.config)
+    B = ref_logps.shape[0]
+    with output_head(net, gather) as (weight, bias):
+        h = h.to(weight.dtype)
+        loss, metrics = fused_preference_loss(h, weight, labels, seg, ref_logps, cfg, backend=backend, bias=bias,
+                                              **transform.head_kwargs)
+        per_seq = None
+        if stats:
+            per_token = token_stats(h.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
+                                    transform)
+            per_seq = segment_sums(per_token, seg, B * NUM_ROLES).view(B, NUM_ROLES, -1)
+    return loss, metrics, per_seq
+
+
+def sequence_logps_pass(net: nn.Module, select: Select, records: int, backend: str,
+                        gather: GatherContext | None = None, **model_kwargs: Any) -> torch.Tensor:
+    """Backbone -> ``[records, 5]`` summed log-probs per sequence by :func:`symmpo_fast.token_logps`."""
+    h, labels, seg = select(last_hidden_state(net, **model_kwargs))
+    transform = LogitTransform.from_config(net.config)
+    with output_head(net, gather) as (weight, bias):
+        lp = token_logps(h.to(weight.dtype), weight, labels, bias=bias, backend=backend, **transform.head_kwargs)
+    return segment_sums(lp, seg, records * NUM_ROLES).view(records, NUM_ROLES)

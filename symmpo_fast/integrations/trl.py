@@ -52,10 +52,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from .. import __version__
-from ..head import fused_preference_loss, token_logps
 from ..objectives import NUM_ROLES, ObjectiveConfig
 from ._forward import call_in_forward, inner_module
-from ._hf import LogitTransform, last_hidden_state, output_head, pretrained, segment_sums, token_stats
+from ._hf import LogitTransform, fused_loss_pass, output_head, pretrained, sequence_logps_pass
 
 if Version(trl.__version__) < Version("1.16.0"):
     raise ImportError(f"symmpo_fast.integrations.trl needs trl >= 1.16, found {trl.__version__}")
@@ -215,34 +214,6 @@ class FusedDPOTrainer(DPOTrainer):
                     pass
         self._sf_checked = True
 
-    # ------------------------------------------------------------------------------------------
-    # the passes, each run as the forward of the model that owns it
-
-    def _policy_pass(self, net, pairs: _Pairs, ref: torch.Tensor, stats: bool, **model_kwargs):
-        """Backbone -> fused DPO loss (and the logit statistics): ``(loss, metrics, [B, 5, 4] or None)``."""
-        h, labels, seg = pairs.head_inputs(last_hidden_state(net, **model_kwargs))
-        transform = LogitTransform.from_config(net.config)
-        with output_head(net, maybe_gather_lm_head_ctx) as (weight, bias):
-            h = h.to(weight.dtype)
-            loss, metrics = fused_preference_loss(h, weight, labels, seg, ref, self._sf_cfg,
-                                                  backend=self._sf_options.backend, bias=bias,
-                                                  **transform.head_kwargs)
-            per_seq = None
-            if stats:
-                per_token = token_stats(h.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
-                                        transform)
-                per_seq = segment_sums(per_token, seg, pairs.records * NUM_ROLES).view(pairs.records, NUM_ROLES, -1)
-        return loss, metrics, per_seq
-
-    def _logps_pass(self, net, pairs: _Pairs, **model_kwargs) -> torch.Tensor:
-        """Backbone -> ``[B, 5]`` summed completion log-probs by ``sf.token_logps``."""
-        h, labels, seg = pairs.head_inputs(last_hidden_state(net, **model_kwargs))
-        transform = LogitTransform.from_config(net.config)
-        with output_head(net, maybe_gather_lm_head_ctx) as (weight, bias):
-            lp = token_logps(h.to(weight.dtype), weight, labels, bias=bias, backend=self._sf_options.backend,
-                             **transform.head_kwargs)
-        return segment_sums(lp, seg, pairs.records * NUM_ROLES).view(pairs.records, NUM_ROLES)
-
     @staticmethod
     def _model_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
         skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -254,11 +225,11 @@ class FusedDPOTrainer(DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             peft_model = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
-        net = pretrained(inner_module(model))
+        run = functools.partial(sequence_logps_pass, pretrained(inner_module(model)), pairs.head_inputs, pairs.records,
+                                self._sf_options.backend, maybe_gather_lm_head_ctx)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            return call_in_forward(model, functools.partial(self._logps_pass, net, pairs),
-                                   **self._model_kwargs(inputs))
+            return call_in_forward(model, run, **self._model_kwargs(inputs))
 
     # ------------------------------------------------------------------------------------------
     # TRL's hooks
@@ -296,9 +267,9 @@ class FusedDPOTrainer(DPOTrainer):
         else:
             ref_in = ref
         stats = self._sf_options.logit_metrics or self._sf_cfg.average_logps
-        net = pretrained(inner_module(model))
-        loss, metrics, per_seq = call_in_forward(model, functools.partial(self._policy_pass, net, pairs, ref_in, stats),
-                                                 **self._model_kwargs(inputs))
+        run = functools.partial(fused_loss_pass, pretrained(inner_module(model)), pairs.head_inputs, ref_in,
+                                self._sf_cfg, self._sf_options.backend, stats, maybe_gather_lm_head_ctx)
+        loss, metrics, per_seq = call_in_forward(model, run, **self._model_kwargs(inputs))
         self._log_fused_metrics(mode, inputs, pairs, counts, ref, metrics, per_seq)
         if return_outputs:
             warnings.warn("return_outputs=True (compute_metrics) recomputes the full logits with one more forward; "
