@@ -1,6 +1,9 @@
 """FusedDPOTrainer under DDP: 2 gloo processes (torchrun, CPU) log stock TRL's per-step losses and
 end with identical replicas; the same pass run outside the DDP wrapper does not (the comparison
-can fail).  One torchrun launch runs the three jobs (start-up and imports dominate the time)."""
+can fail).  And the fused-loss pass through an FSDP2-sharded model, run as its root's forward,
+gives the unsharded model's loss and gradients (accelerate wraps a CPU run in DDP, not FSDP, so
+this part calls the pass directly).  One torchrun launch runs every job (start-up and imports
+dominate the time)."""
 
 import json
 import os
@@ -39,3 +42,12 @@ def test_ddp_two_processes_equal_stock_trl(tmp_path):
     assert _max_diff(params["ours"][0], params["stock"][0]) < 1e-4
     # Outside the wrapper nothing is reduced: each replica trained on its own half of the batch.
     assert _max_diff(*params["outside"]) > 1e-3
+
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"fsdp2-rank{rank}.pt")
+        assert r["fsdp2"]["sharded"] and not r["plain"]["sharded"]
+        assert "DTensor" in r["outside"]  # the pass called outside the root's forward sees shards
+        assert torch.allclose(r["fsdp2"]["loss"], r["plain"]["loss"], rtol=1e-6)
+        torch.testing.assert_close(r["fsdp2"]["per_seq"], r["plain"]["per_seq"], rtol=1e-5, atol=1e-5)
+        worst = max(float((r["fsdp2"]["grads"][n] - g).norm() / g.norm()) for n, g in r["plain"]["grads"].items())
+        assert worst < 1e-5, worst
