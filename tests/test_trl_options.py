@@ -51,6 +51,14 @@ def test_unsupported_option_raises_before_trl_runs(tok, tmp_path, monkeypatch, c
     assert e.value.option == option and "trl.DPOTrainer" in str(e.value)
 
 
+def test_unknown_backend_raises_at_construction(tok, tmp_path):
+    from symmpo_fast.integrations.trl import FusedOptions
+
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        build(FusedDPOTrainer, tiny_llama(tok), tiny_llama(tok, seed=1), text_records(2), tok, tmp_path,
+              trainer_kwargs={"fused": FusedOptions(backend="cuda-magic")})
+
+
 def test_moe_aux_loss_raises_and_zero_coef_trains(tok, tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 

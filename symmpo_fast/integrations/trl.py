@@ -39,25 +39,26 @@ from typing import Any
 
 import torch
 
+from packaging.version import Version
+
 try:
     import trl
-    from trl import DPOConfig, DPOTrainer
-except ImportError as e:  # pragma: no cover - exercised in a subprocess without trl
+except ImportError as e:  # exercised in a subprocess without trl (tests/test_trl_options.py)
     raise ImportError("symmpo_fast.integrations.trl needs TRL >= 1.16: pip install 'symmpo-fast[trl]'") from e
+if Version(trl.__version__) < Version("1.16.0"):
+    raise ImportError(f"symmpo_fast.integrations.trl needs trl >= 1.16, found {trl.__version__}")
 
 from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
-from packaging.version import Version
+from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from .. import __version__
 from ..objectives import NUM_ROLES, ObjectiveConfig
+from ..registry import resolve
 from ._forward import call_in_forward, inner_module
-from ._hf import LogitTransform, fused_loss_pass, output_head, pretrained, sequence_logps_pass
-
-if Version(trl.__version__) < Version("1.16.0"):
-    raise ImportError(f"symmpo_fast.integrations.trl needs trl >= 1.16, found {trl.__version__}")
+from ._hf import STATS, LogitTransform, fused_loss_pass, output_head, pretrained, sequence_logps_pass
 
 __all__ = ["FusedDPOTrainer", "FusedOptions", "UnsupportedOptionError", "objective_for"]
 
@@ -199,6 +200,7 @@ class FusedDPOTrainer(DPOTrainer):
         """Raise for what the models bring that the fused pass does not compute; once."""
         if self._sf_checked:
             return
+        resolve(self._sf_options.backend, self.args.device)  # an unknown or unavailable backend says why
         if self.aux_loss_enabled:
             raise UnsupportedOptionError("router_aux_loss_coef", self.router_aux_loss_coef,
                                          "the MoE load-balancing loss is not added by the fused pass; set it to 0.0")
@@ -290,25 +292,25 @@ class FusedDPOTrainer(DPOTrainer):
         means are TRL's (two collectives instead of fourteen).
         """
         acc, B = self.accelerator, pairs.records
+        stat = {name: per_seq[..., i].double() for i, name in enumerate(STATS)} if per_seq is not None else {}
         if self._sf_cfg.average_logps:
             # TRL's rewards and logps of sigmoid_norm are over sums; the fused pass's over means.
-            policy = per_seq[:, :2, 0]
+            policy = stat["logps"][:, :2]
             rewards = self.beta * (policy - ref[:, :2])
             per_record = torch.stack([rewards[:, 0], rewards[:, 1], (rewards[:, 0] > rewards[:, 1]).float(),
                                       rewards[:, 0] - rewards[:, 1], policy[:, 0], policy[:, 1]]).sum(1)
         else:
             names = ("rewards/chosen", "rewards/rejected", "accuracy/dpo", "margin/dpo", "logps/chosen",
                      "logps/rejected")
-            per_record = torch.stack([metrics[k] for k in names]) * B
-        record_sums = acc.gather(torch.cat([per_record.double(), per_record.new_tensor([B]).double()])[None]).sum(0)
+            per_record = torch.stack([metrics[k] for k in names]).double() * B
+        record_sums = acc.gather(torch.cat([per_record.double(), per_record.new_tensor([B])])[None]).sum(0)
         n_records = record_sums[-1]
 
         tokens = [inputs["attention_mask"].sum().double()]
-        if per_seq is not None:
-            c = counts[:, :2].double()
-            s = per_seq.double()  # [B, 5, STATS]
-            tokens += [s[:, :2, 1].sum(), c.sum(), s[:, 0, 2].sum(), c[:, 0].sum(), s[:, 1, 2].sum(), c[:, 1].sum(),
-                       s[:, 0, 3].sum()]
+        if per_seq is not None:  # [B, 5] per-sequence sums; TRL's chosen / rejected are columns 0 / 1
+            c, logits = counts.double(), stat["mean_logits"]
+            tokens += [stat["entropy"][:, :2].sum(), c[:, :2].sum(), logits[:, CHOSEN].sum(), c[:, CHOSEN].sum(),
+                       logits[:, REJECTED].sum(), c[:, REJECTED].sum(), stat["is_top1"][:, CHOSEN].sum()]
         token_sums = acc.gather_for_metrics(torch.stack(tokens)[None]).sum(0).tolist()
 
         log = self._metrics[mode]
