@@ -29,7 +29,8 @@ def test_readme_shows_the_example_verbatim(name):
 
 
 @pytest.mark.parametrize("name, expect", [("trl_dpo.py", r"\{'loss': 0\.\d+, 'rewards/margins'"),
-                                          ("fused_loss.py", r"Trainer losses: \[0\.\d+, 0\.\d+, 0\.\d+\]")])
+                                          ("fused_loss.py", r"Trainer losses: \[0\.\d+, 0\.\d+, 0\.\d+\]")],
+                         ids=["trl_dpo", "fused_loss"])
 def test_example_runs(tmp_path, name, expect):
     p = subprocess.run([sys.executable, str(ROOT / "examples" / name)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
