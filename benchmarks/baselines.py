@@ -1,8 +1,8 @@
 """What users would run instead of symmpo-fast, written as the benchmarks call it.
 
-* TRL-style: full logits on concatenated rows, then a selective log-softmax that walks the batch
-  one row at a time (TRL's way of bounding the log-softmax temporaries; the [rows, T, V] logits
-  are still held whole).
+* TRL 1.16: ``trl.kernels.ChunkedLogProbFunction``, the fused LM head its ``DPOTrainer`` always
+  uses: tiles of 4096 tokens x 32768 vocabulary entries, online log-sum-exp (a Triton kernel on
+  CUDA, whole-tile PyTorch elsewhere), the backward recomputes each tile (8NDV in all).
 * liger-kernel: ``LigerFusedLinearDPOLoss`` (chunked PyTorch under ``torch.compile``; runs on the
   CPU too) and, for token log-probs, ``LigerFusedLinearCrossEntropyLoss(reduction="none")``
   (Triton: CUDA only).
@@ -10,7 +10,7 @@
   its ``cce`` implementation is Triton (CUDA only), its ``torch_compile`` one is full logits
   compiled and runs on the CPU.
 
-Neither liger-kernel nor cut-cross-entropy is a dependency of symmpo-fast: each wrapper raises
+None of TRL, liger-kernel and cut-cross-entropy is a dependency of symmpo-fast: each wrapper raises
 :class:`symmpo_fast.bench.Unavailable` with the reason when its package or device is missing.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 
 from symmpo_fast.bench import Unavailable
 
@@ -37,26 +36,20 @@ def _need_cuda(t: torch.Tensor, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# TRL-style selective log-softmax
+# TRL 1.16's chunked log-prob head
 
 
-def trl_selective_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) from full logits ``[R, T, V]``, one row of the batch at a time, as TRL does.
+def trl_chunked_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs ``[N]`` by ``trl.kernels.ChunkedLogProbFunction`` as ``DPOTrainer`` calls it.
 
-    fp32/fp64: the label's logit minus a per-row logsumexp (no [R, T, V] log-softmax output);
-    16-bit: a per-row ``log_softmax`` then gather, in the logits' dtype (logsumexp in bf16 is
-    not accurate enough, so TRL takes the slower path there).
+    TRL's vocabulary tile (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, 32768), temperature
+    1, no softcap, log-probs only (``DPOTrainer`` also asks for entropy, mean logit and top-1 for
+    its metrics: a few more reductions per tile).  Every label is real, so this is its compact
+    path (CUDA) and its all-positions path (CPU) alike.
     """
-    idx = labels.unsqueeze(-1)
-    if logits.dtype in (torch.float32, torch.float64):
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        return logits.gather(-1, idx).squeeze(-1) - lse
-    return torch.stack([torch.log_softmax(row, dim=-1).gather(-1, i).squeeze(-1) for row, i in zip(logits, idx)])
-
-
-def trl_token_logps(hidden_rows: torch.Tensor, weight: torch.Tensor, labels_rows: torch.Tensor) -> torch.Tensor:
-    """``hidden_rows [R, T, D]`` -> ``[R, T]`` via full ``[R, T, V]`` logits in the input dtype."""
-    return trl_selective_logps(F.linear(hidden_rows, weight), labels_rows)
+    kernels = _need("trl.kernels", "trl")
+    chunk = getattr(_need("trl.trainer.utils", "trl"), "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    return kernels.ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, chunk, None, 1.0, ("log_probs",))[0]
 
 
 # ----------------------------------------------------------------------------------------------

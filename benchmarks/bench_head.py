@@ -12,8 +12,9 @@ Passes: ``fwd`` (under ``torch.no_grad``: the reference model, evaluation), ``fw
 and LM head trainable) and ``fwd+bwd frozen`` (hidden only: LoRA leaves the head frozen).
 
 FLOPs (P = N*D*V): forward 2P.  Forward+backward does 6P of useful work (4P with a frozen
-head); a method that recomputes the logits in its backward (``token_logps``, CCE, Liger's fused
-linear cross-entropy with ``reduction="none"``, our unfused composition) does 2P more.
+head); a method that recomputes the logits in its backward (``token_logps``, TRL 1.16's chunked
+head, CCE, Liger's fused linear cross-entropy with ``reduction="none"``, our unfused composition)
+does 2P more.
 ``tflops_useful`` counts the useful FLOPs for every method (comparable across methods);
 ``tflops`` counts the method's own FLOPs (``flop_formula``), the number issue 2's rates use.
 
@@ -250,8 +251,8 @@ def methods(task: str, device: torch.device) -> list[Method | tuple[str, str]]:
         for b, auto in _ours_backends(device):
             out.append(Method(f"symmpo-fast[{b}]" + (" auto" if auto else ""),
                               lambda inp, h, w, b=b: sf.token_logps(h, w, inp.labels, backend=b), recomputes=True))
-        out.append(Method("trl selective", lambda inp, h, w: baselines.trl_token_logps(
-            rows(inp, h), w, rows(inp, inp.labels)).reshape(-1), logit_bytes=4))
+        out.append(Method("trl chunked", lambda inp, h, w: baselines.trl_chunked_logps(h, w, inp.labels),
+                          recomputes=True))
         out.append(Method("liger flce", lambda inp, h, w: baselines.liger_flce_token_logps(h, w, inp.labels),
                           recomputes=True))
         out += _cce_methods(lambda f: f)
@@ -269,8 +270,8 @@ def methods(task: str, device: torch.device) -> list[Method | tuple[str, str]]:
     auto = next((b for b, a in ours if a), "torch")
     out.append(Method(f"symmpo-fast[{auto}] unfused", _compose(task, lambda inp, h, w: sf.token_logps(
         h, w, inp.labels, backend=auto)), recomputes=True))
-    out.append(Method("trl selective", _compose(task, lambda inp, h, w: baselines.trl_token_logps(
-        rows(inp, h), w, rows(inp, inp.labels)).reshape(-1)), logit_bytes=4))
+    out.append(Method("trl chunked", _compose(task, lambda inp, h, w: baselines.trl_chunked_logps(
+        h, w, inp.labels)), recomputes=True))
     if task == "loss_dpo":
         out.append(Method("liger dpo", lambda inp, h, w: baselines.liger_dpo_loss(
             rows(inp, h), w, rows(inp, inp.labels), inp.cfg_dpo.beta)))

@@ -119,7 +119,8 @@ def plot_head_scaling(rows: list[dict], out: Path, device: str) -> Path | None:
     return _save(plt, fig, out / f"head_scaling_{_slug(device)}.png")
 
 
-def plot_step(rows: list[dict], out: Path, device: str) -> Path | None:
+def plot_step(rows: list[dict], out: Path, device: str, name: str = "step",
+              title: str = "whole SymMPO training step") -> Path | None:
     rows = _ok(rows)
     if not rows:
         return None
@@ -129,15 +130,19 @@ def plot_step(rows: list[dict], out: Path, device: str) -> Path | None:
     for i, case in enumerate(cases):
         sel = [r for r in rows if r["case"] == case]
         names = [r["method"] for r in sel]
-        colors = ["tab:gray" if n.startswith("official") else "tab:blue" for n in names]
+        colors = ["tab:gray" if n.startswith(("official", "trl ")) else "tab:blue" for n in names]
         for j, (key, label) in enumerate((("records_per_s", "records/s"), ("peak_mib", "peak extra memory (MiB)"))):
             ax = axes[i][j]
             ax.barh(names, [_f(r, key) or 0 for r in sel], color=colors)
             ax.invert_yaxis()
             ax.set_title(f"{case}: {label}", fontsize=9)
             ax.tick_params(labelsize=8)
-    fig.suptitle(f"whole SymMPO training step on {device}", fontsize=10)
-    return _save(plt, fig, out / f"step_{_slug(device)}.png")
+    fig.suptitle(f"{title} on {device}", fontsize=10)
+    return _save(plt, fig, out / f"{name}_{_slug(device)}.png")
+
+
+def plot_trl(rows: list[dict], out: Path, device: str) -> Path | None:
+    return plot_step(rows, out, device, "trl", "DPO training step, TRL DPOTrainer vs FusedDPOTrainer")
 
 
 def _kv(extra: str) -> dict[str, str]:
@@ -173,6 +178,8 @@ _MD_COLS = {
              "time_vs_naive", "peak_mib", "mem_vs_naive", "mfu", "rel_err", "status"),
     "lengths": ("case", "method", "extra", "time_ms", "time_ms_min", "time_ms_max", "time_vs_naive", "peak_mib",
                 "mem_vs_naive", "status"),
+    "trl": ("case", "method", "N", "time_ms", "time_ms_min", "time_ms_max", "records_per_s", "tokens_per_s",
+            "time_vs_naive", "peak_mib", "mem_vs_naive", "rel_err", "status"),
 }
 
 
@@ -213,7 +220,8 @@ def plot_all(results: Path) -> list[Path]:
     for scenario, fname in RESULT_FILES.items():
         rows = read_rows(results / fname)
         for device, run_rows in sorted(latest_runs(rows).items()):
-            fns = {"head": (plot_head, plot_head_scaling), "step": (plot_step,), "lengths": (plot_lengths,)}[scenario]
+            fns = {"head": (plot_head, plot_head_scaling), "step": (plot_step,), "lengths": (plot_lengths,),
+                   "trl": (plot_trl,)}[scenario]
             paths = [p for p in (fn(run_rows, results, device) for fn in fns) if p]
             written += paths
             md.append(f"\n## {scenario} on {device}\n")

@@ -390,11 +390,12 @@ def _short(v) -> str:
 
 
 SCENARIOS = {
-    "head": ("bench_head", "(a) LM head + loss alone: naive, symmpo-fast backends, TRL-style, Liger, CCE"),
+    "head": ("bench_head", "(a) LM head + loss alone: naive, symmpo-fast backends, TRL 1.16's chunked head, Liger, CCE"),
     "step": ("bench_step", "(b)/(d) a whole SymMPO training step: official layout vs shared prefix + fused loss"),
     "lengths": ("bench_step", "(c) speed-up of the step as the prefix and the responses grow"),
+    "trl": ("bench_trl", "a DPO training step: stock TRL 1.16 DPOTrainer vs FusedDPOTrainer"),
 }
-RESULT_FILES = {"head": "head_loss.csv", "step": "step.csv", "lengths": "lengths.csv"}
+RESULT_FILES = {"head": "head_loss.csv", "step": "step.csv", "lengths": "lengths.csv", "trl": "trl_step.csv"}
 
 
 def benchmarks_dir() -> Path:
