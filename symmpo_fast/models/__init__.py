@@ -18,15 +18,19 @@ import torch
 
 from .base import Adapter
 from .llava import LlavaAdapter, load_llava
+from .qwen2_5_vl import Qwen2_5_VLAdapter, load_qwen_vl
+from .qwen3_vl import Qwen3VLAdapter
 from .tiny import build_tiny_llava, load_processor
+from .tiny_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl
 
 __all__ = [
-    "Adapter", "LlavaAdapter", "ADAPTERS", "TINY_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny",
-    "build_tiny_llava", "load_model", "load_processor", "load_llava", "sequence_logps", "reference_logps",
-    "forward_preference", "PACKINGS",
+    "Adapter", "LlavaAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "ADAPTERS", "TINY_MODELS", "adapter_for",
+    "unwrap", "find_peft", "build_tiny", "build_tiny_llava", "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl", "load_model", "load_processor", "load_llava", "load_qwen_vl", "sequence_logps",
+    "reference_logps", "forward_preference", "PACKINGS",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter]
 _LAYOUT_NAMES = ("sequence_logps", "reference_logps", "forward_preference", "PACKINGS")
 
 
@@ -63,8 +67,10 @@ def adapter_for(model) -> Adapter:
     raise TypeError(f"no adapter for {type(base).__name__}; supported: {[a.__name__ for a in ADAPTERS]}")
 
 
-TINY_MODELS = {"tiny": build_tiny_llava}
-"""Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA."""
+TINY_MODELS = {"tiny": build_tiny_llava, "tiny-qwen2-vl": build_tiny_qwen2_vl, "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl,
+               "tiny-qwen3-vl": build_tiny_qwen3_vl}
+"""Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA,
+``--model tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` (and ``tiny-qwen2-vl``) the tiny Qwen-VLs."""
 
 
 def build_tiny(name: str, seed: int = 0):

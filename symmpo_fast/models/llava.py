@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, attn_implementations
 
 
 class LlavaAdapter(Adapter):
@@ -59,8 +59,8 @@ class LlavaAdapter(Adapter):
     def attn_implementation(self) -> str:
         return self.language_model.config._attn_implementation
 
-    def forward_kwargs(self, rows, pixel_values, attention_mask) -> dict:
-        return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+    def forward_kwargs(self, rows, images, attention_mask, image_index=None) -> dict:
+        return dict(input_ids=rows.input_ids, pixel_values=images.pixel_values, attention_mask=attention_mask,
                     position_ids=self.position_ids(rows), logits_to_keep=1, use_cache=False)
 
     @contextlib.contextmanager
@@ -76,13 +76,6 @@ class LlavaAdapter(Adapter):
         finally:
             handle.remove()
 
-    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        head = self.model.get_output_embeddings()
-        if hasattr(head, "base_layer"):
-            raise NotImplementedError("a LoRA adapter on lm_head is not supported by the fused head: "
-                                      "leave lm_head out of target_modules (or train it fully)")
-        return head.weight, head.bias
-
 
 def clip_image_processor_pil():
     """The PIL-backed CLIP image processor class.
@@ -97,12 +90,6 @@ def clip_image_processor_pil():
     except ImportError:  # older transformers 5: the plain class is the PIL one
         from transformers import CLIPImageProcessor as CLIPImageProcessorPil
     return CLIPImageProcessorPil
-
-
-def attn_implementations(language_model: str) -> dict[str, str]:
-    """Per-part ``attn_implementation``: the requested one for the language model (it receives
-    the tree masks), SDPA for the vision tower (plain full attention over one image)."""
-    return {"": language_model, "text_config": language_model, "vision_config": "sdpa"}
 
 
 def prepare(model):
