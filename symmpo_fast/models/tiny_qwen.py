@@ -55,6 +55,10 @@ class TinyQwenVLSpec:
     """The embedding rows are rounded up to a multiple of this, as the real checkpoints pad theirs
     (151665 tokens, 152064 rows in Qwen2.5-VL-7B): the head's log-softmax covers the unused rows."""
     max_position_embeddings: int = 4096
+    initializer_range: float = 0.1
+    """Larger than the checkpoints' 0.02: at hidden 64, weights that small leave attention nearly
+    uniform, and the log-probs would hardly depend on positions or masks (a wrong M-RoPE rule or
+    a plain causal mask then moves them by 3e-5 relative instead of 2e-2)."""
     attn_implementation: str = "sdpa"
     """Of the language model: ``sdpa`` (dense masks) or ``eager``."""
     dtype: torch.dtype = torch.float32
@@ -77,15 +81,15 @@ def _text_kwargs(spec: TinyQwenVLSpec, tokenizer) -> dict:
         vocab_size=_vocab_size(tokenizer, spec), hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings, bos_token_id=tokenizer.convert_tokens_to_ids(
+        max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.initializer_range, bos_token_id=tokenizer.convert_tokens_to_ids(
             "<|endoftext|>"), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def _token_ids(tokenizer) -> dict:
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name.removesuffix('_token_id')}|>")
-           for name in ("vision_start_token_id", "vision_end_token_id")}
-    return dict(ids, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-                video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"))
+def _top_kwargs(spec: TinyQwenVLSpec, tokenizer) -> dict:
+    """The top-level config's fields: the special token ids and the initialisation."""
+    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in (
+        ("vision_start", "vision_start"), ("vision_end", "vision_end"), ("image", "image_pad"), ("video", "video_pad"))}
+    return dict(ids, tie_word_embeddings=False, initializer_range=spec.initializer_range)
 
 
 def tiny_qwen2_5_vl_config(spec: TinyQwenVLSpec, tokenizer, family: str = "qwen2_5_vl"):
@@ -97,16 +101,18 @@ def tiny_qwen2_5_vl_config(spec: TinyQwenVLSpec, tokenizer, family: str = "qwen2
 
         vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
                       mlp_ratio=spec.vision_intermediate_size // spec.vision_hidden_size, num_heads=spec.vision_heads,
-                      patch_size=spec.patch_size, spatial_merge_size=spec.merge_size, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_token_ids(tokenizer))
+                      patch_size=spec.patch_size, spatial_merge_size=spec.merge_size, temporal_patch_size=2,
+                      initializer_range=spec.initializer_range)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **_top_kwargs(spec, tokenizer))
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size,
                   intermediate_size=spec.vision_intermediate_size, num_heads=spec.vision_heads,
                   patch_size=spec.patch_size, spatial_merge_size=spec.merge_size, temporal_patch_size=2,
                   window_size=spec.window_size, out_hidden_size=spec.hidden_size,
-                  fullatt_block_indexes=[spec.vision_depth - 1], tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_token_ids(tokenizer))
+                  fullatt_block_indexes=[spec.vision_depth - 1], tokens_per_second=2,
+                  initializer_range=spec.initializer_range)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_top_kwargs(spec, tokenizer))
 
 
 def tiny_qwen3_vl_config(spec: TinyQwenVLSpec, tokenizer):
@@ -121,8 +127,9 @@ def tiny_qwen3_vl_config(spec: TinyQwenVLSpec, tokenizer):
                   intermediate_size=spec.vision_intermediate_size, num_heads=spec.vision_heads,
                   patch_size=spec.patch_size, spatial_merge_size=spec.merge_size, temporal_patch_size=2,
                   out_hidden_size=spec.hidden_size, num_position_embeddings=spec.num_position_embeddings,
-                  deepstack_visual_indexes=list(spec.deepstack_visual_indexes))
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_token_ids(tokenizer))
+                  deepstack_visual_indexes=list(spec.deepstack_visual_indexes),
+                  initializer_range=spec.initializer_range)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **_top_kwargs(spec, tokenizer))
 
 
 def _build(model_cls, config, spec: TinyQwenVLSpec, seed: int):
