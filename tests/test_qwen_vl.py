@@ -18,6 +18,7 @@ from symmpo_fast.models import (
     Qwen3VLAdapter,
     adapter_for,
     build_tiny,
+    build_tiny_qwen2_5_vl,
     forward_preference,
     load_model,
     reference_logps,
@@ -360,3 +361,43 @@ def test_official_mdpo_crop_is_refused_for_flat_patches(tiny, records):
     _, processor = tiny
     with pytest.raises(ValueError, match="mdpo_crop='seeded'"):
         PreferenceCollator(processor, "mdpo", mdpo_crop="official")(records)
+
+
+@pytest.mark.slow
+def test_symmpo_step_flops(capsys):
+    """Qwen2.5-VL-7B's geometry scaled down by 8 in width and 7-8 in depth (vision 160 wide x 4
+    blocks, window 8 x 8 patches, full attention in the last block; language model 448 wide x 4
+    layers, GQA 7:1, MLP 5.3x, vocabulary 152064 / 8 = 19008 rows), a 128 px image of 32 x 32
+    patches = 256 placeholder tokens, a ~30-token question, 60-token responses: one SymMPO policy
+    forward+backward packed costs at most 0.55x the official layout's FLOPs.  Eager attention
+    everywhere, counted densely over the whole packed row (no block skipping): an upper bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, processor = build_tiny_qwen2_5_vl(
+        seed=0, patch_size=4, max_pixels=128 * 128, vision_hidden_size=160,
+        vision_intermediate_size=428, vision_depth=4, vision_heads=2, window_size=32, hidden_size=448,
+        intermediate_size=2368, num_hidden_layers=4, num_attention_heads=7, num_key_value_heads=1,
+        mrope_section=(8, 12, 12), vocab_multiple=19008, initializer_range=0.02, attn_implementation="eager")
+    model.model.visual.config._attn_implementation_internal = "eager"
+    assert model.config.text_config.vocab_size == 19008
+    records = make_records(1, seed=22, answer_words=(57, 57), question_words=(28, 28), image_side=(128, 129))
+    batch = PreferenceCollator(processor, "symmpo")(records)
+    image = int((batch.prompt_ids[0][0] == batch.image_token_id).sum())
+    question = len(processor.tokenizer(records[0]["question"])["input_ids"])
+    prefix, response = len(batch.prompt_ids[0][0]), len(batch.response_ids[0][0])
+    assert image == 256 and 28 <= question <= 32 and 58 <= response <= 62, (question, response)
+    cfg, ref = sf.ObjectiveConfig.symmpo(), torch.zeros(1, 5)
+    flops = {}
+    for layout in ("shared_prefix", "none"):
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = forward_preference(model, batch, cfg, ref, packing=layout)
+            loss.backward()
+        flops[layout] = counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    ratio = flops["shared_prefix"] / flops["none"]
+    with capsys.disabled():
+        print(f"\nQwen2.5-VL-shaped SymMPO policy fwd+bwd, prefix {prefix} tokens ({image} image, {question} "
+              f"question), responses "
+              f"{response}: packed {flops['shared_prefix'] / 1e9:.1f} GFLOP, official {flops['none'] / 1e9:.1f} GFLOP, "
+              f"ratio {ratio:.3f}")
+    assert ratio <= 0.55
