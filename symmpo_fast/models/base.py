@@ -78,26 +78,30 @@ class Adapter:
         """What ``finetune=full`` trains: the language model, the projector, the LM head."""
         raise NotImplementedError
 
+    # The defaults below are transformers 5's layout of a vision-language model
+    # (``model.model.language_model``, ``config.image_token_id``): LLaVA's and Qwen-VL's.
+
     def lora_target_regex(self, modules: list[str]) -> str:
         """peft's ``target_modules`` regex for the named linear layers of the language model only
-        (a vision tower's attention has ``q_proj`` / ``k_proj`` / ``v_proj`` too)."""
-        raise NotImplementedError
+        (a vision tower's attention has ``q_proj`` / ``k_proj`` / ``v_proj`` too, Qwen2.5-VL's
+        vision MLPs ``gate_proj`` / ``up_proj`` / ``down_proj``)."""
+        return r".*language_model.*\.(" + "|".join(modules) + r")$"
 
     @property
     def image_token_id(self) -> int:
         """Placeholder id that image features replace in the input ids."""
-        raise NotImplementedError
+        return self.model.config.image_token_id
 
     @property
     def attn_implementation(self) -> str:
         """The language model's attention implementation, which decides the mask's form."""
-        raise NotImplementedError
+        return self.language_model.config._attn_implementation
 
     @property
     def language_model(self) -> torch.nn.Module:
         """The module whose output (``last_hidden_state`` or first element) is the hidden state
         after the final norm, ``[R, L, D]``."""
-        raise NotImplementedError
+        return self.model.model.language_model
 
     @property
     def device(self) -> torch.device:

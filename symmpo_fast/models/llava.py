@@ -44,21 +44,6 @@ class LlavaAdapter(Adapter):
     def full_finetune_modules(self) -> list[torch.nn.Module]:
         return [self.model.model.language_model, self.model.model.multi_modal_projector, self.model.lm_head]
 
-    def lora_target_regex(self, modules: list[str]) -> str:
-        return r".*language_model.*\.(" + "|".join(modules) + r")$"
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.language_model.config._attn_implementation
-
     def forward_kwargs(self, rows, images, attention_mask, image_index=None) -> dict:
         return dict(input_ids=rows.input_ids, pixel_values=images.pixel_values, attention_mask=attention_mask,
                     position_ids=self.position_ids(rows), logits_to_keep=1, use_cache=False)

@@ -182,22 +182,6 @@ class Qwen2_5_VLAdapter(Adapter):
     def full_finetune_modules(self) -> list[torch.nn.Module]:
         return [self.model.model.language_model, *self.projector(), self.model.lm_head]
 
-    def lora_target_regex(self, modules: list[str]) -> str:
-        # The vision blocks' MLPs are named gate_proj / up_proj / down_proj too: language model only.
-        return r".*language_model.*\.(" + "|".join(modules) + r")$"
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.language_model.config._attn_implementation
-
     def position_ids(self, rows) -> torch.Tensor:
         """``[3, R, L]`` M-RoPE positions of packed rows, computed by :func:`symmpo_fast.packing.pack`."""
         if rows.mrope_position_ids is None:
