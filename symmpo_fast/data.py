@@ -68,6 +68,15 @@ ROLE_IMAGE = {"symmpo": ("image", "image", "image", "contrast_image", "contrast_
 CROP_AREA = (0.01, 0.2)
 
 
+def run_rows(sizes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of items ``index`` (repeats allowed), in that order, of a tensor that holds items
+    one after the other, item i taking ``sizes[i]`` consecutive rows: ``[sum(sizes[index])]``."""
+    size = sizes[index]
+    first = (sizes.cumsum(0) - sizes)[index]
+    return torch.repeat_interleave(first - (size.cumsum(0) - size), size) + torch.arange(int(size.sum()),
+                                                                                         device=sizes.device)
+
+
 @dataclass
 class Images:
     """A list of images as a model's forward takes them.
@@ -91,19 +100,13 @@ class Images:
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
         if self.grid_thw is None:
             return index
-        sizes = self.grid_thw.prod(-1)
-        size = sizes[index]
-        first = (sizes.cumsum(0) - sizes)[index]
-        return torch.repeat_interleave(first - (size.cumsum(0) - size), size) + torch.arange(int(size.sum()))
+        return run_rows(self.grid_thw.prod(-1), index)
 
     def select(self, index) -> "Images":
         """The images ``index`` (a list or 1-D tensor; repeats allowed), in that order."""
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
         pixels = self.pixel_values.index_select(0, self.rows(index).to(self.pixel_values.device))
         return Images(pixels, None if self.grid_thw is None else self.grid_thw[index])
-
-    def to(self, device, non_blocking: bool = False) -> "Images":
-        return Images(self.pixel_values.to(device, non_blocking=non_blocking), self.grid_thw)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import run_rows
 from .base import Adapter, attn_implementations
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -230,10 +231,7 @@ class Qwen2_5_VLAdapter(Adapter):
             distinct = placeholder.new_zeros(int(index.max()) + 1, 3)
             distinct[index.to(placeholder.device)] = placeholder
             tokens = distinct.prod(-1) // merge**2  # [distinct] placeholder tokens of each image
-            first = tokens.cumsum(0) - tokens
-            size, start = tokens[index.to(tokens.device)], first[index.to(tokens.device)]
-            token_rows["index"] = (torch.repeat_interleave(start - (size.cumsum(0) - size), size)
-                                   + torch.arange(int(size.sum()), device=size.device))
+            token_rows["index"] = run_rows(tokens, index.to(tokens.device))
             if "grid_thw" in kwargs:
                 return args, dict(kwargs, grid_thw=distinct)
             return (args[0], distinct, *args[2:]), kwargs
