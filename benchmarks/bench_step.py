@@ -204,7 +204,8 @@ def build_model(case: StepCase, device: torch.device, attn: str):
     config.text_config.vocab_size = case.vocab
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
-        model = cls._from_config(config, attn_implementation=attn_implementations(attn), dtype=getattr(torch, case.dtype))
+        model = cls._from_config(config, attn_implementation=attn_implementations(attn),
+                                 dtype=getattr(torch, case.dtype))
     model = prepare(model)
     sf.models.adapter_for(model).vision_tower.requires_grad_(False)
     if case.train == "full" and case.family != "llava":  # the merger lives inside Qwen's vision tower
@@ -257,7 +258,8 @@ def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = N
                   torch.tensor([tok.convert_tokens_to_ids("<|vision_end|>")])]
     else:
         pixels = torch.randn(2 * case.records, 3, s["image_size"], s["image_size"], generator=g)
-        around = [torch.tensor([tok.bos_token_id]), torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)]
+        none = torch.tensor([], dtype=torch.long)
+        around = [torch.tensor([tok.bos_token_id]), none, none]
     prompts, responses, images = [], [], []
     for b in range(case.records):
         head, tail, q = ids(2), ids(2), ids(question)

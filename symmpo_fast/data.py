@@ -355,16 +355,16 @@ class PreferenceCollator:
             images.grid_thw = images.grid_thw.long().cpu()
             want = (images.grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()
             if want != counts:
+                m = self.spatial_merge_size
                 raise ValueError(f"the processor expanded the images to {counts} placeholders, but their patch grids "
-                                 f"{images.grid_thw.tolist()} with a {self.spatial_merge_size}x{self.spatial_merge_size}"
-                                 f" merge make {want}")
+                                 f"{images.grid_thw.tolist()} with a {m}x{m} merge make {want}")
             if recrop:
                 raise ValueError("mdpo_crop='official' crops each image's processed [C, H, W] pixels anew on every "
                                  "forward; this processor returns flattened patches of a size-dependent grid, which "
                                  "cannot be cropped that way: use mdpo_crop='seeded' (one crop of the raw image)")
-        digests = [d + hashlib.sha256(images.select([i]).pixel_values.contiguous().numpy().tobytes()
-                                      + (b"" if images.grid_thw is None else images.grid_thw[i].numpy().tobytes())).digest()
-                   for i, d in enumerate(raw)]
+        grids = [b""] * len(raw) if images.grid_thw is None else [g.numpy().tobytes() for g in images.grid_thw]
+        digests = [d + hashlib.sha256(images.select([i]).pixel_values.contiguous().numpy().tobytes() + g).digest()
+                   for i, (d, g) in enumerate(zip(raw, grids, strict=True))]
         return per_record, images, counts, digests, recrop
 
     def _fit(self, enc: prompts.Encoded, img: list[int], counts: list[int]):

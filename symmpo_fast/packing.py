@@ -11,7 +11,8 @@ prompt and a response per role; roles with the same image have the same prompt):
 The text before the image (BOS, system prompt, ``USER: ``) is one root node shared by both
 prefixes when the record has two.  Nodes are laid out depth first, several records per row,
 rows balanced to a token budget.  A token's position id continues from its parent's end, so
-every response sees exactly the positions it has as a separate sequence; a token attends to the
+every response sees exactly the positions it has as a separate sequence (for batches with image
+grids, Qwen-VL's M-RoPE positions too, ``[3, R, L]``: :func:`mrope_positions`); a token attends to the
 tokens of its ancestor nodes and to the earlier tokens of its own node.  The hidden state that
 predicts a response's first token is its prefix's last one, gathered once per response; a
 response's last token (``</s>``) is a label only, never an input, since nothing attends to it.
@@ -149,10 +150,10 @@ def mrope_positions(ids: torch.Tensor, pos0: int, image_token_id: int, grid: tup
         raise ValueError(f"a prefix's image placeholders must be one run of {t}x{h}x{w} = {t * h * w} tokens; "
                          f"found {len(where)} at positions {where.tolist()[:3]}...")
     start = pos0 + a
-    grid_pos = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
+    grid_pos = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
     after = start + max(h, w)
     rest = n - a - t * h * w
-    positions = torch.cat([torch.arange(pos0, start).expand(3, a), grid_pos + start,
+    positions = torch.cat([torch.arange(pos0, start).expand(3, a), grid_pos.reshape(3, -1) + start,
                            torch.arange(after, after + rest).expand(3, rest)], dim=1)
     return positions, after + rest
 

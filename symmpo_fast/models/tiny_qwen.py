@@ -81,8 +81,9 @@ def _text_kwargs(spec: TinyQwenVLSpec, tokenizer) -> dict:
         vocab_size=_vocab_size(tokenizer, spec), hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.initializer_range, bos_token_id=tokenizer.convert_tokens_to_ids(
-            "<|endoftext|>"), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.initializer_range,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
 
 
 def _top_kwargs(spec: TinyQwenVLSpec, tokenizer) -> dict:
