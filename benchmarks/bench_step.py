@@ -170,35 +170,34 @@ def lengths_grid(preset: str) -> tuple[dict, int, list[tuple[int, int]], dict]:
 
 
 def _llava(case: StepCase, attn: str):
-    """(model class, config, tokenizer, prepare) of a LLaVA case."""
+    """(model class, config, tokenizer) of a LLaVA case."""
     from transformers import LlavaForConditionalGeneration
 
-    from symmpo_fast.models.llava import prepare
     from symmpo_fast.models.tiny import TinyLlavaSpec, load_processor, tiny_llava_config
 
     spec = TinyLlavaSpec(**dict(case.spec), attn_implementation=attn, dtype=getattr(torch, case.dtype))
     tok = load_processor(spec.image_size, spec.patch_size).tokenizer
-    return LlavaForConditionalGeneration, tiny_llava_config(spec, tok), tok, prepare
+    return LlavaForConditionalGeneration, tiny_llava_config(spec, tok), tok
 
 
 def _qwen2_5_vl(case: StepCase, attn: str):
-    """(model class, config, tokenizer, prepare) of a Qwen2.5-VL case."""
+    """(model class, config, tokenizer) of a Qwen2.5-VL case."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from symmpo_fast.models.qwen2_5_vl import ASSETS, prepare
+    from symmpo_fast.models.qwen2_5_vl import ASSETS
     from symmpo_fast.models.tiny_qwen import TinyQwenVLSpec, tiny_qwen2_5_vl_config
 
     fields = {k: v for k, v in case.spec if k != "image_size"}
     spec = TinyQwenVLSpec(**fields, attn_implementation=attn, dtype=getattr(torch, case.dtype))
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "qwen2_5_vl"))
-    return Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(spec, tok), tok, prepare
+    return Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(spec, tok), tok
 
 
 def build_model(case: StepCase, device: torch.device, attn: str):
     """A random-init model of ``case``'s family and shape with a ``case.vocab``-entry head, on ``device``."""
-    from symmpo_fast.models.base import attn_implementations
+    from symmpo_fast.models.base import attn_implementations, prepare
 
-    cls, config, tok, prepare = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl}[case.family](case, attn)
+    cls, config, tok = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl}[case.family](case, attn)
     # The shipped tokenizers have about 1000 entries; the head is sized to the case's vocabulary
     # (the synthetic batches draw ids from all of it).
     config.text_config.vocab_size = case.vocab

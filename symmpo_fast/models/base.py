@@ -31,6 +31,17 @@ import contextlib
 import torch
 
 
+def prepare(model):
+    """The step every vision-language model goes through, tiny or loaded: checks that an adapter
+    exists and turns off the KV cache (a training forward has no use for it)."""
+    from . import adapter_for
+
+    adapter_for(model)
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    return model
+
+
 def attn_implementations(language_model: str) -> dict[str, str]:
     """Per-part ``attn_implementation``: the requested one for the language model (it receives
     the tree masks), SDPA for the vision tower (plain full attention within each image)."""

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .base import Adapter, attn_implementations
+from .base import Adapter, attn_implementations, prepare
 
 
 class LlavaAdapter(Adapter):
@@ -75,17 +75,6 @@ def clip_image_processor_pil():
     except ImportError:  # older transformers 5: the plain class is the PIL one
         from transformers import CLIPImageProcessor as CLIPImageProcessorPil
     return CLIPImageProcessorPil
-
-
-def prepare(model):
-    """The step every LLaVA model goes through, tiny or loaded: checks that an adapter exists and
-    turns off the KV cache (a training forward has no use for it)."""
-    from . import adapter_for
-
-    adapter_for(model)
-    model.config.use_cache = False
-    model.config.text_config.use_cache = False
-    return model
 
 
 def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,

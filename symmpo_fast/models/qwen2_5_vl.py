@@ -46,16 +46,19 @@ from pathlib import Path
 import torch
 
 from ..data import run_rows
-from .base import Adapter, attn_implementations
+from ..packing import PackedRows
+from .base import Adapter, attn_implementations, prepare
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def qwen_image_processor_class():
-    """``Qwen2VLImageProcessorPil`` (transformers >= 5.5: the PIL one of the Qwen2-VL image
-    processors; Qwen2.5-VL and Qwen3-VL use the same class with other settings), else the plain
-    ``Qwen2VLImageProcessor``, which is the PIL one in older transformers 5."""
+    """``Qwen2VLImageProcessorPil``, the PIL one of the Qwen2-VL image processors (transformers
+    5.17 and 5.24 have it; Qwen2.5-VL and Qwen3-VL use the same class with other settings), else
+    the plain ``Qwen2VLImageProcessor``, which is the PIL one where the backends are not split."""
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     except ImportError:
@@ -108,17 +111,6 @@ def _read_chat_template(name_or_path: str) -> str | None:
     return None
 
 
-def prepare(model):
-    """The step every Qwen-VL model goes through, tiny or loaded: checks that an adapter exists and
-    turns off the KV cache."""
-    from . import adapter_for
-
-    adapter_for(model)
-    model.config.use_cache = False
-    model.config.text_config.use_cache = False
-    return model
-
-
 def load_qwen_vl(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                  attn_implementation: str | None = None, min_pixels: int | None = None,
                  max_pixels: int | None = None, **kwargs):
@@ -142,9 +134,6 @@ def load_qwen_vl(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device:
     processor = image_only_processor(family, name_or_path, **pixels)
     return prepare(model.to(device)), processor
 
-
-MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 class Qwen2_5_VLAdapter(Adapter):
@@ -203,7 +192,7 @@ class Qwen2_5_VLAdapter(Adapter):
         if images.grid_thw is None:
             raise ValueError("Qwen-VL models take flattened patches with their grids (image_grid_thw); these images "
                              "have none: collate with the model's own Qwen-VL processor")
-        if not hasattr(rows, "mrope_position_ids"):  # the official rows (packing="padded"): the model's positions
+        if not isinstance(rows, PackedRows):  # the official rows (packing="padded"): the model's own positions
             return dict(self.sequence_kwargs(rows, images), logits_to_keep=1, use_cache=False)
         # image_grid_thw: the grid of every placeholder image, as the model splits the features
         # per image; under the feature hook the vision tower sees each distinct one once.

@@ -159,7 +159,8 @@ def build_tiny_qwen2_5_vl(seed: int = 0, family: str = "qwen2_5_vl", **overrides
     on ``seed`` only (the global RNG is left as it was)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from .qwen2_5_vl import ASSETS, image_only_processor, prepare
+    from .base import prepare
+    from .qwen2_5_vl import ASSETS, image_only_processor
 
     spec = _spec("build_tiny_qwen2_5_vl", overrides)
     processor = image_only_processor(family, ASSETS / "qwen2_5_vl", _image_processor(spec, family))
@@ -178,7 +179,8 @@ def build_tiny_qwen3_vl(seed: int = 0, **overrides):
     processor with the Qwen3-VL chat template; as :func:`build_tiny_qwen2_5_vl`."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    from .qwen2_5_vl import ASSETS, image_only_processor, prepare
+    from .base import prepare
+    from .qwen2_5_vl import ASSETS, image_only_processor
 
     spec = _spec("build_tiny_qwen3_vl", overrides)
     processor = image_only_processor("qwen3_vl", ASSETS / "qwen3_vl", _image_processor(spec, "qwen3_vl"))
