@@ -2,7 +2,11 @@
 the shells (peft, DDP, torch.compile) around a model.
 
     model, processor = build_tiny_llava()                       # or load_llava("llava-hf/llava-1.5-7b-hf")
+    model, processor = load_model("Qwen/Qwen2.5-VL-7B-Instruct", torch.bfloat16, "cuda")   # family from the config
+    model, processor = build_tiny("tiny-qwen3-vl")              # any key of TINY_MODELS
     adapter = adapter_for(model)                                 # the family's Adapter
+
+Families: LLaVA-1.5 (``llava.py``), Qwen2.5-VL and Qwen2-VL (``qwen2_5_vl.py``), Qwen3-VL (``qwen3_vl.py``).
 
 The forward layouts of a preference batch (``shared_prefix``, ``padded``, ``none``) live in
 :mod:`symmpo_fast.layouts`; their functions are also importable from here under their old names
