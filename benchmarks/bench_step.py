@@ -1,4 +1,4 @@
-"""Scenarios (b), (c), (d): a whole SymMPO training step on a LLaVA-shaped model.
+"""Scenarios (b), (c), (d): a whole SymMPO training step on a LLaVA-shaped or Qwen2.5-VL-shaped model.
 
 One step is: policy forward + backward of a batch of records, optimizer step, gradients freed;
 the reference log-probs come from a cache (``ref cached``) or from a no-grad reference pass in
@@ -19,7 +19,12 @@ Layouts, in the same process on the same model and batch:
 
 Batches are synthetic :class:`symmpo_fast.data.PreferenceBatch` objects with exact token counts
 (``image`` placeholder tokens, a ``question``, three distinct responses of ``response`` tokens),
-built directly so a point's lengths are what its name says.
+built directly so a point's lengths are what its name says.  A Qwen2.5-VL case's batch carries
+each image as its flat patches with their grid (M-RoPE positions, window-attention vision tower,
+one vision pass per distinct image), and its model takes the tree mask with SDPA on CUDA too
+(transformers enables no FlexAttention for Qwen-VL).  ``symmpo-fast bench --cases SUBSTRING``
+runs only the cases whose label contains it, e.g. ``--scenario step --preset gpu --cases
+qwen2.5-vl`` the Qwen2.5-VL-7B-shaped LoRA step alone.
 
 Rates: ``records_per_s``; ``tokens_per_s`` counts the tokens actually needed (the shared-prefix
 layout's: each prefix once, every response) for every layout, so its ratio is the speed ratio;
@@ -63,6 +68,26 @@ SMALL = dict(image_size=64, patch_size=8, vision_hidden_size=256, vision_interme
              num_key_value_heads=8)
 TINY = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
+# Qwen2.5-VL-7B: a 32-block window-attention ViT (1280 wide, 14 px patches, full attention in
+# blocks 7, 15, 23, 31), a 2x2 patch merger, a 28-layer Qwen2 language model with GQA 28:4 and
+# M-RoPE sections 16/24/24; 672 px images give 48 x 48 patches, 576 placeholder tokens (as
+# LLaVA-1.5's 336 px CLIP).  ``image_size`` is the square image side; the rest are
+# :class:`symmpo_fast.models.tiny_qwen.TinyQwenVLSpec` fields.
+QWEN25_VL_7B = dict(image_size=672, patch_size=14, merge_size=2, vision_hidden_size=1280,
+                    vision_intermediate_size=3420, vision_depth=32, vision_heads=16, window_size=112,
+                    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, mrope_section=(16, 24, 24), initializer_range=0.02)
+QWEN25_VL_VOCAB = 152064
+# The CPU case beside SMALL: the same width, depth, vocabulary and 64 image tokens, Qwen2.5-VL's
+# proportions otherwise (MLP 5.3x wide, GQA 4:1, vision MLP 2.7x, an attention window of 4 x 4
+# merged tokens, full attention in the last vision block).
+QWEN25_VL_SMALL = dict(image_size=128, patch_size=8, merge_size=2, vision_hidden_size=256, vision_intermediate_size=684,
+                       vision_depth=2, vision_heads=4, window_size=64, hidden_size=512, intermediate_size=2688,
+                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12),
+                       initializer_range=0.02)
+QWEN25_VL_TINY = dict(image_size=32, patch_size=4, merge_size=2, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2)
+
 
 @dataclass(frozen=True)
 class StepCase:
@@ -83,11 +108,13 @@ class StepCase:
     """Also time the variants with the reference pass inside the step."""
     all_variants: bool = True
     """Also the other backends and the unfused head (else: the official layout and ours, auto)."""
+    family: str = "llava"
+    """``llava`` (``spec``: TinyLlavaSpec overrides) or ``qwen2_5_vl`` (TinyQwenVLSpec overrides + ``image_size``)."""
 
     @property
     def image_tokens(self) -> int:
         s = dict(self.spec)
-        return (s["image_size"] // s["patch_size"]) ** 2
+        return (s["image_size"] // s["patch_size"] // s.get("merge_size", 1)) ** 2
 
     def label(self) -> str:
         return (f"{self.name} {self.train} img{self.image_tokens} q{self.question} r{self.response} "
@@ -100,9 +127,11 @@ def _case(name, spec, vocab, records, question, response, **kw) -> StepCase:
 
 def step_grid(preset: str) -> list[StepCase]:
     if preset == "smoke":
-        return [_case("tiny", TINY, 1000, 2, 8, 6, ref_online=False)]
+        return [_case("tiny", TINY, 1000, 2, 8, 6, ref_online=False),
+                _case("qwen2.5-vl-tiny", QWEN25_VL_TINY, 1024, 2, 8, 6, ref_online=False, family="qwen2_5_vl")]
     if preset == "cpu":
-        return [_case("small", SMALL, 32000, 4, 32, 48, accept=True)]
+        return [_case("small", SMALL, 32000, 4, 32, 48, accept=True),
+                _case("qwen2.5-vl-small", QWEN25_VL_SMALL, 32000, 4, 32, 48, ref_online=False, family="qwen2_5_vl")]
     if preset == "gpu":
         # Gradient checkpointing on: without it the official layout's activations for 4 records
         # (20 rows of ~700 tokens) do not fit beside a 7B model.  Full fine-tuning uses SGD (no
@@ -114,6 +143,9 @@ def step_grid(preset: str) -> list[StepCase]:
             _case("llava-1.5-7b", LLAVA_7B, LLAVA_VOCAB, 4, 32, 96, train="full", optimizer="sgd", **short),
             _case("llava-1.5-13b", LLAVA_13B, LLAVA_VOCAB, 4, 32, 96, train="lora", **short),
             _case("llava-1.5-13b", LLAVA_13B, LLAVA_VOCAB, 2, 32, 96, train="full", optimizer="sgd", **short),
+            # Last, so the LLaVA grid keeps its budget; `--cases qwen2.5-vl` runs it alone.
+            _case("qwen2.5-vl-7b", QWEN25_VL_7B, QWEN25_VL_VOCAB, 4, 32, 96, train="lora", family="qwen2_5_vl",
+                  **short),
         ]
     raise ValueError(f"unknown preset {preset!r}")
 
@@ -137,25 +169,47 @@ def lengths_grid(preset: str) -> tuple[dict, int, list[tuple[int, int]], dict]:
 # model and batch
 
 
-def build_model(case: StepCase, device: torch.device, attn: str):
-    """A random-init LLaVA of ``case``'s shape with a ``case.vocab``-entry head, on ``device``."""
+def _llava(case: StepCase, attn: str):
+    """(model class, config, tokenizer) of a LLaVA case."""
     from transformers import LlavaForConditionalGeneration
 
-    from symmpo_fast.models.llava import attn_implementations, prepare
     from symmpo_fast.models.tiny import TinyLlavaSpec, load_processor, tiny_llava_config
 
     spec = TinyLlavaSpec(**dict(case.spec), attn_implementation=attn, dtype=getattr(torch, case.dtype))
     tok = load_processor(spec.image_size, spec.patch_size).tokenizer
-    config = tiny_llava_config(spec, tok)
-    # The shipped tokenizer has 1000 entries; the head is sized to the case's vocabulary (the
-    # synthetic batches draw ids from all of it).
+    return LlavaForConditionalGeneration, tiny_llava_config(spec, tok), tok
+
+
+def _qwen2_5_vl(case: StepCase, attn: str):
+    """(model class, config, tokenizer) of a Qwen2.5-VL case."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from symmpo_fast.models.qwen2_5_vl import ASSETS
+    from symmpo_fast.models.tiny_qwen import TinyQwenVLSpec, tiny_qwen2_5_vl_config
+
+    fields = {k: v for k, v in case.spec if k != "image_size"}
+    spec = TinyQwenVLSpec(**fields, attn_implementation=attn, dtype=getattr(torch, case.dtype))
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "qwen2_5_vl"))
+    return Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(spec, tok), tok
+
+
+def build_model(case: StepCase, device: torch.device, attn: str):
+    """A random-init model of ``case``'s family and shape with a ``case.vocab``-entry head, on ``device``."""
+    from symmpo_fast.models.base import attn_implementations, prepare
+
+    cls, config, tok = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl}[case.family](case, attn)
+    # The shipped tokenizers have about 1000 entries; the head is sized to the case's vocabulary
+    # (the synthetic batches draw ids from all of it).
     config.text_config.vocab_size = case.vocab
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration._from_config(
-            config, attn_implementation=attn_implementations(attn), dtype=spec.dtype)
+        model = cls._from_config(config, attn_implementation=attn_implementations(attn),
+                                 dtype=getattr(torch, case.dtype))
     model = prepare(model)
-    model.model.vision_tower.requires_grad_(False)
+    sf.models.adapter_for(model).vision_tower.requires_grad_(False)
+    if case.train == "full" and case.family != "llava":  # the merger lives inside Qwen's vision tower
+        for module in sf.models.adapter_for(model).projector():
+            module.requires_grad_(True)
     if case.train == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -185,17 +239,31 @@ def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = N
     question = case.question if question is None else question
     response = case.response if response is None else response
     g = torch.Generator().manual_seed(seed)
-    img_id = tok.convert_tokens_to_ids("<image>")
-    specials = set(tok.all_special_ids)
+    qwen = case.family == "qwen2_5_vl"
+    img_id = tok.convert_tokens_to_ids("<|image_pad|>" if qwen else "<image>")
+    specials = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
     lo = max(specials) + 1
     ids = lambda n: torch.randint(lo, case.vocab, (n,), generator=g)  # noqa: E731
     s = dict(case.spec)
-    pixels = torch.randn(2 * case.records, 3, s["image_size"], s["image_size"], generator=g)
+    grid = extra = None
+    if qwen:  # flat patches (3 channels x 2 frames x p x p each), one square grid per image
+        side = s["image_size"] // s["patch_size"]
+        pixels = torch.randn(2 * case.records * side * side, 3 * 2 * s["patch_size"] ** 2, generator=g)
+        grid = torch.tensor([[1, side, side]] * 2 * case.records)
+        extra = dict(image_grid_thw=grid, spatial_merge_size=s["merge_size"])
+        # <|im_start|> and <|vision_start|> ... <|vision_end|> around the placeholders
+        around = [torch.tensor([tok.convert_tokens_to_ids("<|im_start|>")]),
+                  torch.tensor([tok.convert_tokens_to_ids("<|vision_start|>")]),
+                  torch.tensor([tok.convert_tokens_to_ids("<|vision_end|>")])]
+    else:
+        pixels = torch.randn(2 * case.records, 3, s["image_size"], s["image_size"], generator=g)
+        none = torch.tensor([], dtype=torch.long)
+        around = [torch.tensor([tok.bos_token_id]), none, none]
     prompts, responses, images = [], [], []
     for b in range(case.records):
         head, tail, q = ids(2), ids(2), ids(question)
-        prompt = {i: torch.cat([torch.tensor([tok.bos_token_id]), head,
-                                torch.full((case.image_tokens,), img_id), q, tail]) for i in (2 * b, 2 * b + 1)}
+        prompt = {i: torch.cat([around[0], head, around[1], torch.full((case.image_tokens,), img_id), around[2], q,
+                                tail]) for i in (2 * b, 2 * b + 1)}
         answers = {name: torch.cat([ids(response - 1), torch.tensor([tok.eos_token_id])])
                    for name in ("chosen", "rejected", "contrast_chosen")}
         img = [2 * b if ROLE_IMAGE["symmpo"][k] == "image" else 2 * b + 1 for k in range(NUM_ROLES)]
@@ -205,7 +273,7 @@ def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = N
     return PreferenceBatch(objective="symmpo", columns=COLUMNS["symmpo"], prompt_ids=prompts,
                            response_ids=responses, image_index=images, pixel_values=pixels,
                            image_token_id=img_id, pad_token_id=tok.pad_token_id,
-                           record_keys=[f"synthetic-{seed}-{b}" for b in range(case.records)])
+                           record_keys=[f"synthetic-{seed}-{b}" for b in range(case.records)], **(extra or {}))
 
 
 def needed_tokens(batch) -> tuple[int, int, int]:
@@ -220,16 +288,22 @@ def needed_tokens(batch) -> tuple[int, int, int]:
 def useful_flops(model, case: StepCase, batch) -> float:
     """FLOPs of one step counted on the needed tokens (see the module docstring)."""
     base = sf.models.unwrap(model)
-    lm = base.model.language_model
+    adapter = sf.models.adapter_for(base)
+    lm = adapter.language_model
     p_layers = sum(p.numel() for n, p in lm.named_parameters() if ".layers." in f".{n}" and "lora_" not in n)
-    p_vision = sum(p.numel() for p in base.model.vision_tower.parameters())
-    p_proj = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
+    if case.family == "llava":
+        p_vision = sum(p.numel() for p in base.model.vision_tower.parameters())
+        p_proj = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
+        vis_tokens = case.image_tokens + 1  # CLIP's CLS token
+    else:  # the merger is part of the tower; the tower runs on the patches, 4 per merged token
+        p_proj = sum(p.numel() for m in adapter.projector() for p in m.parameters())
+        p_vision = sum(p.numel() for p in adapter.vision_tower.parameters()) - p_proj
+        vis_tokens = case.image_tokens * dict(case.spec)["merge_size"] ** 2
     T, R, _ = needed_tokens(batch)
     D, V = base.config.text_config.hidden_size, base.config.text_config.vocab_size
     full = case.train == "full"
     passes = 3 if full else 2  # forward, backward to activations, backward to weights (full only)
-    images = batch.pixel_values.shape[0]
-    vis_tokens = case.image_tokens + 1  # CLIP's CLS token
+    images = batch.num_images
     return (2 * p_layers * T * passes + 2 * D * V * R * passes + 2 * p_vision * vis_tokens * images
             + 2 * p_proj * case.image_tokens * images * passes)
 
@@ -251,7 +325,7 @@ def peak_flops(run: Run) -> tuple[float, str]:
 
 def _set_attn(model, impl: str) -> str:
     """Switch the language model's attention implementation; returns the one in use after."""
-    from symmpo_fast.models.llava import attn_implementations
+    from symmpo_fast.models.base import attn_implementations
 
     base = sf.models.unwrap(model)
     if base.config.text_config._attn_implementation != impl:
@@ -347,7 +421,8 @@ def _optimizer(model, case: StepCase):
 def run_model_case(run: Run, case: StepCase, scenario: str, points: list[tuple[int, int]] | None = None) -> None:
     """Time every variant of ``case`` (scenario b/d) or, for (c), official vs ours at each length point."""
     device = run.device
-    attn = "flex_attention" if device.type == "cuda" else "sdpa"
+    # transformers enables FlexAttention for LLaVA's Llama, not for Qwen-VL: SDPA takes its tree mask.
+    attn = "flex_attention" if device.type == "cuda" and case.family == "llava" else "sdpa"
     base = dict(scenario=scenario, dtype={"float32": "fp32", "bfloat16": "bf16"}[case.dtype], records=case.records)
     try:
         model, tok = build_model(case, device, attn)
@@ -398,7 +473,7 @@ def _measure_variant(run, c, model, opt, batch, cfg, ref_cached, v, lora, attn, 
     rows_layout = v.packing in ("none", "padded")  # one padded row per sequence: any attention
     fed = fed_official if rows_layout else T
     impl = _set_attn(model, _official_attn(device) if rows_layout else attn)
-    extra = (f"prefix={c.image_tokens + c.question + 5} response={c.response} needed_tokens={T} fed_tokens={fed} "
+    extra = (f"prefix={len(batch.prompt_ids[0][0])} response={c.response} needed_tokens={T} fed_tokens={fed} "
              f"labels={R} train={c.train} opt={c.optimizer} grad_ckpt={int(c.grad_ckpt)} "
              f"ref={'online' if v.ref_online else 'cached'} attn={impl}")
     row = dict(base, case=c.label(), method=v.name, N=T, D=D, V=c.vocab, extra=extra, **{"pass": "train step"})
@@ -443,6 +518,8 @@ def _measure_variant(run, c, model, opt, batch, cfg, ref_cached, v, lora, attn, 
 
 def run_step(run: Run, preset: str) -> None:
     for case in step_grid(preset):
+        if not run.wants_case(case.label()):
+            continue
         if run.time_left() <= 0:
             run.add(scenario="step", case=case.label(), method="*", status="skipped: time budget")
             continue

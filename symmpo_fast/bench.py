@@ -250,6 +250,8 @@ class Run:
     rep_ms: float = 200.0
     deadline: float = float("inf")
     methods: tuple[str, ...] = ()
+    cases: tuple[str, ...] = ()
+    """Substrings: a scenario runs only the cases whose label contains one (all when empty)."""
     csv_path: Path | None = None
     """Where :meth:`add` appends each row as it is made (None: keep them in memory only), so a
     run stopped half way keeps what it measured."""
@@ -262,6 +264,9 @@ class Run:
 
     def wants(self, method: str) -> bool:
         return not self.methods or any(m in method for m in self.methods)
+
+    def wants_case(self, label: str) -> bool:
+        return not self.cases or any(c in label for c in self.cases)
 
     def timing(self, fn: Callable[[], object], warmup: int | None = None) -> Timing:
         return time_fn(fn, self.device, self.reps, self.warmup if warmup is None else warmup, self.rep_ms)
@@ -434,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new points after this many seconds; what is left gets 'skipped' rows")
     p.add_argument("--methods", default="", help="comma-separated substrings: only methods whose name contains one")
+    p.add_argument("--cases", default="", help="comma-separated substrings: only the whole-step cases whose label "
+                                               "contains one (e.g. qwen2.5-vl: the Qwen2.5-VL-shaped step)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG charts")
     p.add_argument("--plot-only", action="store_true", help="only draw the charts from the CSVs already there")
     p.add_argument("--no-csv", action="store_true", help="print only, append nothing")
@@ -459,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
               warmup=1, rep_ms=args.rep_ms,
               deadline=time.monotonic() + args.budget_s if args.budget_s else float("inf"),
               methods=tuple(m for m in args.methods.split(",") if m),
+              cases=tuple(c for c in args.cases.split(",") if c),
               checks_path=None if args.no_csv else results / "checks.csv")
     print(f"# {run.env['device']} ({device.type}, {run.env['threads']} threads) | torch {run.env['torch']} "
           f"triton {run.env['triton']} transformers {run.env['transformers']} liger {run.env['liger_kernel']} "

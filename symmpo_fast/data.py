@@ -68,6 +68,47 @@ ROLE_IMAGE = {"symmpo": ("image", "image", "image", "contrast_image", "contrast_
 CROP_AREA = (0.01, 0.2)
 
 
+def run_rows(sizes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of items ``index`` (repeats allowed), in that order, of a tensor that holds items
+    one after the other, item i taking ``sizes[i]`` consecutive rows: ``[sum(sizes[index])]``."""
+    size = sizes[index]
+    first = (sizes.cumsum(0) - sizes)[index]
+    return torch.repeat_interleave(first - (size.cumsum(0) - size), size) + torch.arange(int(size.sum()),
+                                                                                         device=sizes.device)
+
+
+@dataclass
+class Images:
+    """A list of images as a model's forward takes them.
+
+    Fixed-size families (LLaVA-1.5): ``pixel_values [N, C, H, W]``, one row per image, no grid.
+    Dynamic-resolution families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): ``pixel_values [P, C*T*p*p]``
+    holds the flattened patches of every image one after the other, image i taking the next
+    ``grid_thw[i].prod()`` rows, and ``grid_thw [N, 3]`` is each image's (temporal, height, width)
+    patch grid, as the processor returns them.  The grid stays on the host (indexing with it
+    needs no device sync); adapters send it to the model's device.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0] if self.grid_thw is None else self.grid_thw.shape[0]
+
+    def rows(self, index) -> torch.Tensor:
+        """[n] int64 host tensor: the ``pixel_values`` rows of the images ``index``, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        if self.grid_thw is None:
+            return index
+        return run_rows(self.grid_thw.prod(-1), index)
+
+    def select(self, index) -> "Images":
+        """The images ``index`` (a list or 1-D tensor; repeats allowed), in that order."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        pixels = self.pixel_values.index_select(0, self.rows(index).to(self.pixel_values.device))
+        return Images(pixels, None if self.grid_thw is None else self.grid_thw[index])
+
+
 @dataclass
 class PreferenceBatch:
     """Everything a policy or reference pass needs for a batch of records.
@@ -75,7 +116,9 @@ class PreferenceBatch:
     ``prompt_ids[b][k]`` / ``response_ids[b][k]`` are 1-D int64 CPU tensors for each used column
     ``k`` (``None`` for unused ones); the prompt has the image placeholders expanded, the
     response ends with the end-of-turn token and is the label sequence.  ``image_index[b][k]``
-    indexes ``pixel_values``, which holds each distinct image of the batch once.
+    is the column's distinct image: each one is held once, in ``pixel_values`` (and, for
+    dynamic-resolution families, ``image_grid_thw``); :meth:`images` gives them as
+    :class:`Images`, from which a layout selects the ones it feeds the model.
     """
 
     objective: str
@@ -84,7 +127,9 @@ class PreferenceBatch:
     response_ids: list[list[torch.Tensor | None]]
     image_index: list[list[int]]
     pixel_values: torch.Tensor
-    """[num_images, C, H, W] float, each distinct image once."""
+    """[num_images, C, H, W] float, each distinct image once; with ``image_grid_thw``, the flat
+    [patches, C*T*p*p] patches of each distinct image one after the other (see :class:`Images`);
+    empty for a text-only model."""
     image_token_id: int | None
     """The image placeholder id (None for a text-only model)."""
     pad_token_id: int
@@ -96,6 +141,13 @@ class PreferenceBatch:
     recrop: tuple[int, ...] = ()
     """Entries of ``pixel_values`` that :meth:`forward_pixels` crops anew on every forward
     (``mdpo_crop="official"``)."""
+    image_grid_thw: torch.Tensor | None = None
+    """[num_images, 3] int64 host tensor, each distinct image's (t, h, w) patch grid, for
+    dynamic-resolution processors (Qwen2-VL / Qwen2.5-VL / Qwen3-VL); None for fixed-size ones."""
+    spatial_merge_size: int = 1
+    """Patches merged into one placeholder token along each side: image i has
+    ``t * h * w / merge**2`` placeholders laid out as a (t, h / merge, w / merge) grid, the grid
+    that M-RoPE positions follow (:func:`symmpo_fast.packing.pack`)."""
 
     @property
     def num_records(self) -> int:
@@ -104,6 +156,14 @@ class PreferenceBatch:
     @property
     def device(self) -> torch.device:
         return self.pixel_values.device
+
+    @property
+    def num_images(self) -> int:
+        return len(Images(self.pixel_values, self.image_grid_thw))
+
+    def images(self, device=None, generator: torch.Generator | None = None) -> Images:
+        """The distinct images one forward sees (:meth:`forward_pixels`), as :class:`Images`."""
+        return Images(self.forward_pixels(device, generator), self.image_grid_thw)
 
     def to(self, device, non_blocking: bool = False) -> "PreferenceBatch":
         """A copy with the pixels on ``device``; token ids stay on the host, where packing is planned."""
@@ -215,6 +275,8 @@ class PreferenceCollator:
         if tok.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: the end-of-turn label needs one")
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Dynamic-resolution image processors (Qwen-VL) merge merge_size x merge_size patches per token.
+        self.spatial_merge_size = getattr(getattr(processor, "image_processor", None), "merge_size", None) or 1
         if self.has_images:
             self.image_token = processor.image_token
             self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
@@ -278,13 +340,14 @@ class PreferenceCollator:
             return self.format.encode(r["prompt"], answers)
         return self._as_written.encode(r["prompt"], answers)
 
-    def _images(self, records) -> tuple[list[list[int]], torch.Tensor, list[int], list[bytes], set[int]]:
-        """Per record the distinct-image index of each column, the pixels of each distinct image,
-        its placeholder count, its digest (of the image's bytes and of the pixels the model
-        sees, so that a cache key also changes with the image processor's settings), and the
-        entries that :meth:`PreferenceBatch.forward_pixels` crops anew on every forward."""
+    def _images(self, records) -> tuple[list[list[int]], Images, list[int], list[bytes], set[int]]:
+        """Per record the distinct-image index of each column, the distinct images (pixels, and
+        patch grids for dynamic-resolution processors), each one's placeholder count, its digest
+        (of the image's bytes and of the pixels the model sees, so that a cache key also changes
+        with the image processor's settings), and the entries that
+        :meth:`PreferenceBatch.forward_pixels` crops anew on every forward."""
         if not self.has_images:
-            return [[-1] * NUM_ROLES for _ in records], torch.zeros(0), [], [], set()
+            return [[-1] * NUM_ROLES for _ in records], Images(torch.zeros(0)), [], [], set()
         role_image = ROLE_IMAGE[self.objective]
         index: dict[bytes, int] = {}
         distinct, raw, per_record, recrop = [], [], [], set()
@@ -311,14 +374,27 @@ class PreferenceCollator:
                 row[k] = index[key]
             per_record.append(row)
         # The processor itself expands the placeholder, so the token count per image is the
-        # model family's own rule (fixed for LLaVA-1.5, size-dependent for LLaVA-NeXT).
+        # model family's own rule (fixed for LLaVA-1.5, size-dependent for Qwen-VL's dynamic
+        # resolution, whose processor also returns each image's patch grid).
         out = self.processor(text=[self.image_token] * len(distinct), images=distinct, return_tensors="pt",
                              padding=True)
         counts = (out["input_ids"] == self.image_token_id).sum(1).tolist()
-        pixels = out["pixel_values"]
-        digests = [d + hashlib.sha256(p.contiguous().numpy().tobytes()).digest()
-                   for d, p in zip(raw, pixels, strict=True)]
-        return per_record, pixels, counts, digests, recrop
+        images = Images(out["pixel_values"], out.get("image_grid_thw"))
+        if images.grid_thw is not None:
+            images.grid_thw = images.grid_thw.long().cpu()
+            want = (images.grid_thw.prod(-1) // self.spatial_merge_size ** 2).tolist()
+            if want != counts:
+                m = self.spatial_merge_size
+                raise ValueError(f"the processor expanded the images to {counts} placeholders, but their patch grids "
+                                 f"{images.grid_thw.tolist()} with a {m}x{m} merge make {want}")
+            if recrop:
+                raise ValueError("mdpo_crop='official' crops each image's processed [C, H, W] pixels anew on every "
+                                 "forward; this processor returns flattened patches of a size-dependent grid, which "
+                                 "cannot be cropped that way: use mdpo_crop='seeded' (one crop of the raw image)")
+        grids = [b""] * len(raw) if images.grid_thw is None else [g.numpy().tobytes() for g in images.grid_thw]
+        digests = [d + hashlib.sha256(images.select([i]).pixel_values.contiguous().numpy().tobytes() + g).digest()
+                   for i, (d, g) in enumerate(zip(raw, grids, strict=True))]
+        return per_record, images, counts, digests, recrop
 
     def _fit(self, enc: prompts.Encoded, img: list[int], counts: list[int]):
         """``(prompt ids, {column: response ids}, truncated)`` within ``max_length``, or None to drop."""
@@ -341,7 +417,7 @@ class PreferenceCollator:
 
     def __call__(self, records) -> PreferenceBatch:
         self._check(records)
-        image_index, pixels, counts, digests, recrop = self._images(records)
+        image_index, images, counts, digests, recrop = self._images(records)
         prompt_rows, responses, keys, kept_images = [], [], [], []
         dropped = truncated = 0
         for r, img in zip(records, image_index, strict=True):
@@ -371,9 +447,11 @@ class PreferenceCollator:
         used = sorted({i for img in kept_images for i in img if i >= 0})
         remap = {old: new for new, old in enumerate(used)}
         kept_images = [[remap.get(i, -1) for i in img] for img in kept_images]
+        images = images.select(used)
         return PreferenceBatch(
             objective=self.objective, columns=self.columns, prompt_ids=prompt_rows, response_ids=responses,
-            image_index=kept_images, pixel_values=pixels[used], image_token_id=self.image_token_id,
+            image_index=kept_images, pixel_values=images.pixel_values, image_token_id=self.image_token_id,
             pad_token_id=self.pad_token_id, record_keys=keys, num_dropped=dropped, num_truncated=truncated,
-            recrop=tuple(sorted(remap[i] for i in recrop if i in remap)),
+            recrop=tuple(sorted(remap[i] for i in recrop if i in remap)), image_grid_thw=images.grid_thw,
+            spatial_merge_size=self.spatial_merge_size,
         )

@@ -51,11 +51,12 @@ def _tree_mask(adapter: Adapter, rows, dtype: torch.dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def _pixels(batch, device, index) -> torch.Tensor | None:
-    """The pixels of the distinct images ``index`` as one forward sees them; None for text."""
-    if not batch.pixel_values.numel():
+def _images(batch, device, index):
+    """The distinct images ``index`` as one forward sees them (:class:`symmpo_fast.data.Images`);
+    None for a text-only batch."""
+    if batch.image_token_id is None:
         return None
-    return batch.forward_pixels(device)[torch.as_tensor(index, dtype=torch.long, device=device)]
+    return batch.images(device).select(index)
 
 
 def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
@@ -74,11 +75,11 @@ def _packed_hidden(model, adapter: Adapter, batch, row_tokens: int | None):
     # (records of the batch with the same picture) goes through the vision tower once, the
     # distinct images in order of first use.
     first = {i: n for n, i in enumerate(dict.fromkeys(rows.image_order))}
-    pixels = _pixels(batch, device, list(first))
+    images = _images(batch, device, list(first))
     index = None
     if len(first) < len(rows.image_order):
         index = torch.tensor([first[i] for i in rows.image_order], device=device)
-    hidden = adapter.hidden_states(model, rows, pixels, _tree_mask(adapter, rows, adapter.dtype), image_index=index)
+    hidden = adapter.hidden_states(model, rows, images, _tree_mask(adapter, rows, adapter.dtype), image_index=index)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.gather_index), rows
 
 
@@ -90,8 +91,8 @@ def _padded_hidden(model, adapter: Adapter, batch):
     gather, labels, seq = u.response_positions()  # on the host, where the ids are
     device = adapter.device
     u = u.to(device)
-    pixels = _pixels(batch, device, u.image_index)
-    hidden = adapter.hidden_states(model, u, pixels, u.attention_mask)  # [S, L, D]
+    images = _images(batch, device, u.image_index)
+    hidden = adapter.hidden_states(model, u, images, u.attention_mask)  # [S, L, D]
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather.to(device))
     return hidden, labels.to(device), seq.to(device), u
 
@@ -100,8 +101,8 @@ def _unpacked_logps(model, adapter: Adapter, batch, average: bool) -> torch.Tens
     """The official layout and head: full rows through ``model.forward``, full-vocabulary log-softmax."""
     device = adapter.device
     u = _packing.unpack(batch).to(device)
-    pixels = _pixels(batch, device, u.image_index)  # [S, C, H, W]: every row re-encodes its image
-    logits = model(**adapter.sequence_kwargs(u, pixels)).logits[:, :-1]  # [S, L-1, V]: the model's own head
+    images = _images(batch, device, u.image_index)  # every row re-encodes its image
+    logits = model(**adapter.sequence_kwargs(u, images), use_cache=False).logits[:, :-1]  # [S, L-1, V]: the model's own head
     labels = u.labels[:, 1:]
     valid = labels != _packing.IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1)

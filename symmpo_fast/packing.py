@@ -11,7 +11,8 @@ prompt and a response per role; roles with the same image have the same prompt):
 The text before the image (BOS, system prompt, ``USER: ``) is one root node shared by both
 prefixes when the record has two.  Nodes are laid out depth first, several records per row,
 rows balanced to a token budget.  A token's position id continues from its parent's end, so
-every response sees exactly the positions it has as a separate sequence; a token attends to the
+every response sees exactly the positions it has as a separate sequence (for batches with image
+grids, Qwen-VL's M-RoPE positions too, ``[3, R, L]``: :func:`mrope_positions`); a token attends to the
 tokens of its ancestor nodes and to the earlier tokens of its own node.  The hidden state that
 predicts a response's first token is its prefix's last one, gathered once per response; a
 response's last token (``</s>``) is a label only, never an input, since nothing attends to it.
@@ -104,6 +105,9 @@ class PackedRows:
     """[R, L] int64, image placeholders in place, ``pad_token_id`` after each row's end."""
     position_ids: torch.Tensor
     """[R, L] int64, each node's positions continue from its parent's end."""
+    mrope_position_ids: torch.Tensor | None
+    """[3, R, L] int64 M-RoPE (temporal, height, width) positions when the batch has image grids
+    (Qwen2-VL / Qwen2.5-VL / Qwen3-VL), else None: see :func:`mrope_positions`."""
     node_ids: torch.Tensor
     """[R, L] int64, row-local node of each token; padding belongs to node ``N - 1``."""
     ancestors: torch.Tensor
@@ -125,6 +129,35 @@ class PackedRows:
         return dataclasses.replace(self, **moved)
 
 
+def mrope_positions(ids: torch.Tensor, pos0: int, image_token_id: int, grid: tuple[int, int, int] | None):
+    """``(positions [3, n], next)``: the M-RoPE positions of one node of ``ids [n]`` starting at
+    ``pos0``, and the position its children start from.
+
+    Qwen2-VL's rule, as transformers' ``get_rope_index`` applies it to a whole sequence: a text
+    token has the same position on the three axes, one more than the previous token's; the
+    image's placeholders, ``grid = (t, h, w)`` of them in row-major order, are at
+    ``start + (i_t, i_h, i_w)`` where ``start`` is the position after the preceding text, and the
+    text after the image continues from ``start + max(h, w)`` (the image's largest position + 1,
+    for a still image's t = 1).  A node holds at most one image, as one contiguous run.
+    """
+    n = len(ids)
+    if grid is None:
+        return torch.arange(pos0, pos0 + n).expand(3, n), pos0 + n
+    t, h, w = grid
+    where = (ids == image_token_id).nonzero().squeeze(1)
+    a = int(where[0]) if len(where) else 0
+    if len(where) != t * h * w or (len(where) and int(where[-1]) - a + 1 != len(where)):
+        raise ValueError(f"a prefix's image placeholders must be one run of {t}x{h}x{w} = {t * h * w} tokens; "
+                         f"found {len(where)} at positions {where.tolist()[:3]}...")
+    start = pos0 + a
+    grid_pos = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+    after = start + max(h, w)
+    rest = n - a - t * h * w
+    positions = torch.cat([torch.arange(pos0, start).expand(3, a), grid_pos.reshape(3, -1) + start,
+                           torch.arange(after, after + rest).expand(3, rest)], dim=1)
+    return positions, after + rest
+
+
 def pack(batch, row_tokens: int | None = None, pad_to: int = 8) -> PackedRows:
     """Plan the packed rows of ``batch`` (host work, on the CPU tensors the batch keeps).
 
@@ -140,6 +173,12 @@ def pack(batch, row_tokens: int | None = None, pad_to: int = 8) -> PackedRows:
     N = max(sum(len(trees[b][0]) for b in row) for row in rows) + 1
     input_ids = torch.full((R, L), batch.pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(R, L, dtype=torch.long)
+    # M-RoPE: each distinct image's placeholder grid (t, h / merge, w / merge).
+    grids = batch.image_grid_thw
+    if grids is not None:
+        merge = batch.spatial_merge_size
+        grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grids.tolist()]
+        mrope = torch.zeros(3, R, L, dtype=torch.long)
     node_ids = torch.full((R, L), N - 1, dtype=torch.long)
     ancestors = torch.zeros(R, N, N, dtype=torch.bool)
     ancestors[:, N - 1, N - 1] = True  # padding sees itself, so no softmax row is empty
@@ -151,12 +190,17 @@ def pack(batch, row_tokens: int | None = None, pad_to: int = 8) -> PackedRows:
             nodes, responses = trees[b]
             start, end = [0] * len(nodes), [0] * len(nodes)  # token span of each node in the row
             pos_end = [0] * len(nodes)  # position id after each node's last token
+            mrope_end = [0] * len(nodes)  # the same for M-RoPE, where an image advances it by max(h, w)
             for i, node in enumerate(nodes):
                 n = len(node.ids)
                 pos0 = 0 if node.parent < 0 else pos_end[node.parent]
                 start[i], end[i], pos_end[i] = t, t + n, pos0 + n
                 input_ids[r, t:t + n] = node.ids
                 position_ids[r, t:t + n] = torch.arange(pos0, pos0 + n)
+                if grids is not None:
+                    mrope[:, r, t:t + n], mrope_end[i] = mrope_positions(
+                        node.ids, 0 if node.parent < 0 else mrope_end[node.parent], batch.image_token_id,
+                        grids[node.image] if node.image >= 0 else None)
                 node_ids[r, t:t + n] = n0 + i
                 ancestors[r, n0 + i, n0 + i] = True
                 if node.parent >= 0:
@@ -173,7 +217,8 @@ def pack(batch, row_tokens: int | None = None, pad_to: int = 8) -> PackedRows:
                 seq.append(torch.full_like(resp.labels, b * NUM_ROLES + resp.column))
             n0 += len(nodes)
     return PackedRows(
-        input_ids=input_ids, position_ids=position_ids, node_ids=node_ids, ancestors=ancestors,
+        input_ids=input_ids, position_ids=position_ids, mrope_position_ids=mrope if grids is not None else None,
+        node_ids=node_ids, ancestors=ancestors,
         image_order=image_order, gather_index=torch.cat(gather), labels=torch.cat(labels).long(),
         seq_index=torch.cat(seq).long(), num_tokens=sum(sizes),
     )

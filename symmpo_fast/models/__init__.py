@@ -2,7 +2,11 @@
 the shells (peft, DDP, torch.compile) around a model.
 
     model, processor = build_tiny_llava()                       # or load_llava("llava-hf/llava-1.5-7b-hf")
+    model, processor = load_model("Qwen/Qwen2.5-VL-7B-Instruct", torch.bfloat16, "cuda")   # family from the config
+    model, processor = build_tiny("tiny-qwen3-vl")              # any key of TINY_MODELS
     adapter = adapter_for(model)                                 # the family's Adapter
+
+Families: LLaVA-1.5 (``llava.py``), Qwen2.5-VL and Qwen2-VL (``qwen2_5_vl.py``), Qwen3-VL (``qwen3_vl.py``).
 
 The forward layouts of a preference batch (``shared_prefix``, ``padded``, ``none``) live in
 :mod:`symmpo_fast.layouts`; their functions are also importable from here under their old names
@@ -19,17 +23,23 @@ import torch
 from .base import Adapter
 from .causal_lm import CausalLMAdapter
 from .llava import LlavaAdapter, load_llava
+from .qwen2_5_vl import Qwen2_5_VLAdapter, load_qwen_vl
+from .qwen3_vl import Qwen3VLAdapter
 from .tiny import build_tiny_llava, load_processor
+from .tiny_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl, build_tiny_qwen3_vl
 from .tiny_text import FAMILIES as _TEXT_FAMILIES
 from .tiny_text import build_tiny_text
 
 __all__ = [
-    "Adapter", "LlavaAdapter", "CausalLMAdapter", "ADAPTERS", "TINY_MODELS", "TINY_TEXT_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny",
-    "build_tiny_llava", "build_tiny_text", "load_model", "load_processor", "load_llava", "sequence_logps", "reference_logps",
-    "forward_preference", "PACKINGS",
+    "Adapter", "LlavaAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "CausalLMAdapter", "ADAPTERS", "TINY_MODELS",
+    "TINY_TEXT_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny", "build_tiny_llava",
+    "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl", "build_tiny_text", "load_model",
+    "load_processor", "load_llava", "load_qwen_vl", "sequence_logps", "reference_logps", "forward_preference",
+    "PACKINGS",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, CausalLMAdapter]
+# Vision-language families first: a text-only adapter would not know what to do with their images.
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, CausalLMAdapter]
 _LAYOUT_NAMES = ("sequence_logps", "reference_logps", "forward_preference", "PACKINGS")
 
 
@@ -67,9 +77,11 @@ def adapter_for(model) -> Adapter:
 
 
 TINY_TEXT_MODELS = tuple(_TEXT_FAMILIES)
-TINY_MODELS = {"tiny": build_tiny_llava,
+TINY_MODELS = {"tiny": build_tiny_llava, "tiny-qwen2-vl": build_tiny_qwen2_vl, "tiny-qwen2.5-vl": build_tiny_qwen2_5_vl,
+               "tiny-qwen3-vl": build_tiny_qwen3_vl,
                **{name: (lambda seed=0, _n=name: build_tiny_text(_n, seed=seed)) for name in _TEXT_FAMILIES}}
 """Random-init models built from configs (tests, the demo): ``--model tiny`` is the tiny LLaVA,
+``--model tiny-qwen2.5-vl`` / ``tiny-qwen3-vl`` (and ``tiny-qwen2-vl``) the tiny Qwen-VLs,
 ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-gemma2`` the text LMs of :mod:`.tiny_text`."""
 
 

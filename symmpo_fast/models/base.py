@@ -1,19 +1,23 @@
 """The adapter interface: what the packed forward needs from a vision-language model family.
 
-A new family (Qwen2.5-VL, LLaVA-NeXT) is one file with one subclass of :class:`Adapter`, added
+A new family (LLaVA-NeXT, InternVL, ...) is one file with one subclass of :class:`Adapter`, added
 to ``ADAPTERS`` in :mod:`symmpo_fast.models`.  The packed forward
 (:func:`symmpo_fast.layouts.sequence_logps`), with ``rows`` from :func:`symmpo_fast.packing.pack`::
 
-    pixels = batch.pixel_values[rows.image_order]       # one image per prefix: 2 per SymMPO record
-    hidden = adapter.hidden_states(model, rows, pixels, mask)   # [R, L, D], final norm applied
+    images = batch.images(device).select(rows.image_order)    # one image per prefix: 2 per SymMPO record
+    hidden = adapter.hidden_states(model, rows, images, mask)  # [R, L, D], final norm applied
     # (with image_index=, each distinct image is encoded once: see image_feature_hook)
     weight, bias = adapter.output_head()                # to sf.token_logps / sf.fused_preference_loss
 
 ``hidden_states`` calls the model's own ``forward`` (through whatever wraps it: peft, DDP,
-FSDP2, torch.compile, whose hooks must run) with the packed ids, the pixels, the position ids
-and the tree mask, asks it for (almost) no logits, and catches the language model's output with
-a forward hook.  The model's forward places the image features at the placeholders, in
-row-major order, one image after the other: hence ``image_order``.
+FSDP2, torch.compile, whose hooks must run) with the packed ids, the images
+(:class:`symmpo_fast.data.Images`: pixels, and patch grids for dynamic-resolution families), the
+position ids and the tree mask, asks it for (almost) no logits, and catches the language
+model's output with a forward hook.  The model's forward places the image features at the
+placeholders, in row-major order, one image after the other: hence ``image_order``.  The
+official layout (``packing="none"``) calls the model on whole right-padded sequences with
+:meth:`Adapter.sequence_kwargs` instead, the inputs its processor would give it, so that the
+model derives its own positions there: the oracle the packed positions are tested against.
 
 ``mask`` follows :attr:`Adapter.attn_implementation`: a dense boolean ``[R, 1, L, L]`` for
 ``sdpa``, additive float for ``eager``, a FlexAttention ``BlockMask`` for ``flex_attention``;
@@ -25,6 +29,24 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+
+def prepare(model):
+    """The step every model goes through, tiny or loaded: checks that an adapter exists and turns
+    off the KV cache (a training forward has no use for it)."""
+    from . import adapter_for
+
+    adapter_for(model)
+    model.config.use_cache = False
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.use_cache = False
+    return model
+
+
+def attn_implementations(language_model: str) -> dict[str, str]:
+    """Per-part ``attn_implementation``: the requested one for the language model (it receives
+    the tree masks), SDPA for the vision tower (plain full attention within each image)."""
+    return {"": language_model, "text_config": language_model, "vision_config": "sdpa"}
 
 
 class Adapter:
@@ -68,26 +90,30 @@ class Adapter:
         """What ``finetune=full`` trains: the language model, the projector, the LM head."""
         raise NotImplementedError
 
+    # The defaults below are transformers 5's layout of a vision-language model
+    # (``model.model.language_model``, ``config.image_token_id``): LLaVA's and Qwen-VL's.
+
     def lora_target_regex(self, modules: list[str]) -> str:
         """peft's ``target_modules`` regex for the named linear layers of the language model only
-        (a vision tower's attention has ``q_proj`` / ``k_proj`` / ``v_proj`` too)."""
-        raise NotImplementedError
+        (a vision tower's attention has ``q_proj`` / ``k_proj`` / ``v_proj`` too, Qwen2.5-VL's
+        vision MLPs ``gate_proj`` / ``up_proj`` / ``down_proj``)."""
+        return r".*language_model.*\.(" + "|".join(modules) + r")$"
 
     @property
     def image_token_id(self) -> int:
         """Placeholder id that image features replace in the input ids."""
-        raise NotImplementedError
+        return self.model.config.image_token_id
 
     @property
     def attn_implementation(self) -> str:
         """The language model's attention implementation, which decides the mask's form."""
-        raise NotImplementedError
+        return self.language_model.config._attn_implementation
 
     @property
     def language_model(self) -> torch.nn.Module:
         """The module whose output (``last_hidden_state`` or first element) is the hidden state
         after the final norm, ``[R, L, D]``."""
-        raise NotImplementedError
+        return self.model.model.language_model
 
     @property
     def device(self) -> torch.device:
@@ -103,15 +129,19 @@ class Adapter:
         (Qwen2.5-VL's M-RoPE, ``[3, R, L]``) derive theirs from the same rows here."""
         return rows.position_ids
 
-    def forward_kwargs(self, rows, pixel_values: torch.Tensor, attention_mask) -> dict:
-        """Keyword arguments of the model's ``forward`` for the packed rows."""
+    def forward_kwargs(self, rows, images, attention_mask, image_index: torch.Tensor | None = None) -> dict:
+        """Keyword arguments of the model's ``forward`` for ``rows`` (packed rows, or the official
+        layout's :class:`symmpo_fast.packing.UnpackedRows` under ``packing="padded"``) and
+        ``images`` (:class:`symmpo_fast.data.Images`).  ``image_index``: ``images`` holds each
+        distinct image once and the placeholders show ``images.select(image_index)``, which the
+        :meth:`image_feature_hook` in force makes of the features."""
         raise NotImplementedError
 
-    def sequence_kwargs(self, rows, pixel_values: torch.Tensor) -> dict:
-        """Keyword arguments of the model's ``forward`` for the official layout's padded rows
-        (:class:`symmpo_fast.packing.UnpackedRows`, one image per row), full logits wanted."""
-        return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=rows.attention_mask,
-                    use_cache=False)
+    def sequence_kwargs(self, rows, images) -> dict:
+        """Keyword arguments of the model's ``forward`` for whole right-padded sequences (the
+        official layout, ``rows`` an :class:`symmpo_fast.packing.UnpackedRows`): what the family's
+        processor returns, so that the model computes its positions itself."""
+        return dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask, pixel_values=images.pixel_values)
 
     def check_rows(self, rows) -> None:
         """Raise where the packed ``rows`` would not be exact for this model (e.g. longer than a
@@ -136,20 +166,20 @@ class Adapter:
         return 1.0
 
     def image_feature_hook(self, index: torch.Tensor):
-        """A context manager under which the model, given each distinct image once as
-        ``pixel_values``, hands the language model the features of ``pixel_values[index]`` (one
-        entry per placeholder image, in order); None where the family cannot, and the images are
-        then repeated before the vision tower.  Lets an image that several prefixes of a batch
-        share go through the vision tower once."""
+        """A context manager under which the model, given each distinct image once, hands the
+        language model the features of the images ``index`` (one entry per placeholder image,
+        in order); None where the family cannot, and the images are then repeated before the
+        vision tower.  Lets an image that several prefixes of a batch share go through the
+        vision tower once."""
         return None
 
-    def hidden_states(self, model, rows, pixel_values: torch.Tensor, attention_mask,
+    def hidden_states(self, model, rows, images, attention_mask,
                       image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """``[R, L, D]`` final hidden states of the packed rows, from ``model``'s own forward.
+        """``[R, L, D]`` final hidden states of ``rows``, from ``model``'s own forward.
 
-        ``image_index``: the images of the rows' placeholders, in order, are
-        ``pixel_values[image_index]``; each distinct one is encoded once where the family has an
-        :meth:`image_feature_hook`."""
+        ``images``: :class:`symmpo_fast.data.Images`.  ``image_index``: the images of the rows'
+        placeholders, in order, are ``images.select(image_index)``; each distinct one is encoded
+        once where the family has an :meth:`image_feature_hook`."""
         caught = []
 
         def catch(module, args, out):
@@ -159,11 +189,11 @@ class Adapter:
         if image_index is not None:
             expand = self.image_feature_hook(image_index)
             if expand is None:
-                pixel_values = pixel_values[image_index]
+                images, image_index = images.select(image_index), None
         handle = self.language_model.register_forward_hook(catch)
         try:
             with expand if expand is not None else contextlib.nullcontext():
-                model(**self.forward_kwargs(rows, pixel_values, attention_mask))
+                model(**self.forward_kwargs(rows, images, attention_mask, image_index))
         finally:
             handle.remove()
         if len(caught) != 1:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, prepare
 
 
 def _is_vision_language(config) -> bool:
@@ -83,23 +83,15 @@ class CausalLMAdapter(Adapter):
             raise ValueError(f"a sequence of {longest} tokens is longer than the sliding window ({window}) of this "
                              "model, which a tree mask does not apply: use packing='padded' or a shorter max_length")
 
-    def forward_kwargs(self, rows, pixel_values, attention_mask) -> dict:
+    def forward_kwargs(self, rows, images, attention_mask, image_index=None) -> dict:
         return dict(input_ids=rows.input_ids, attention_mask=attention_mask, position_ids=self.position_ids(rows),
                     logits_to_keep=1, use_cache=False)
 
-    def sequence_kwargs(self, rows, pixel_values) -> dict:
-        return dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+    def sequence_kwargs(self, rows, images) -> dict:
+        return dict(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
 
     def full_finetune_modules(self) -> list[torch.nn.Module]:
         return [self.model.model, self.model.lm_head]
 
     def lora_target_regex(self, modules: list[str]) -> str:
         return r".*\.(" + "|".join(modules) + r")$"
-
-
-def prepare(model):
-    """Every text model, tiny or loaded, goes through this: an adapter exists, no KV cache."""
-    if not CausalLMAdapter.accepts(model):
-        raise TypeError(f"{type(model).__name__} is not a text-only *ForCausalLM model")
-    model.config.use_cache = False
-    return model

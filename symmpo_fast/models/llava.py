@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, attn_implementations, prepare
 
 
 class LlavaAdapter(Adapter):
@@ -44,23 +44,8 @@ class LlavaAdapter(Adapter):
     def full_finetune_modules(self) -> list[torch.nn.Module]:
         return [self.model.model.language_model, self.model.model.multi_modal_projector, self.model.lm_head]
 
-    def lora_target_regex(self, modules: list[str]) -> str:
-        return r".*language_model.*\.(" + "|".join(modules) + r")$"
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    @property
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.language_model.config._attn_implementation
-
-    def forward_kwargs(self, rows, pixel_values, attention_mask) -> dict:
-        return dict(input_ids=rows.input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+    def forward_kwargs(self, rows, images, attention_mask, image_index=None) -> dict:
+        return dict(input_ids=rows.input_ids, pixel_values=images.pixel_values, attention_mask=attention_mask,
                     position_ids=self.position_ids(rows), logits_to_keep=1, use_cache=False)
 
     @contextlib.contextmanager
@@ -90,23 +75,6 @@ def clip_image_processor_pil():
     except ImportError:  # older transformers 5: the plain class is the PIL one
         from transformers import CLIPImageProcessor as CLIPImageProcessorPil
     return CLIPImageProcessorPil
-
-
-def attn_implementations(language_model: str) -> dict[str, str]:
-    """Per-part ``attn_implementation``: the requested one for the language model (it receives
-    the tree masks), SDPA for the vision tower (plain full attention over one image)."""
-    return {"": language_model, "text_config": language_model, "vision_config": "sdpa"}
-
-
-def prepare(model):
-    """The step every LLaVA model goes through, tiny or loaded: checks that an adapter exists and
-    turns off the KV cache (a training forward has no use for it)."""
-    from . import adapter_for
-
-    adapter_for(model)
-    model.config.use_cache = False
-    model.config.text_config.use_cache = False
-    return model
 
 
 def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,

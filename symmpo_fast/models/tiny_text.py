@@ -136,7 +136,7 @@ def build_tiny_text(name: str = "tiny-llama", seed: int = 0, attn_implementation
     defaults to SDPA, eager for Gemma 2 (transformers gives it no SDPA path)."""
     from transformers import AutoModelForCausalLM
 
-    from .causal_lm import prepare
+    from .base import prepare
 
     if name not in FAMILIES:
         raise ValueError(f"unknown tiny text model {name!r}; expected one of {sorted(FAMILIES)}")

@@ -17,12 +17,14 @@ all-reduced, so every process gets the same numbers.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from ..data import PreferenceCollator
+from ..data import Images, PreferenceCollator
 from ..formats import PreferenceDataset
 from ..layouts import sequence_logps
-from ..models import unwrap
+from ..models import adapter_for, unwrap
 from ..objectives import CHOSEN, CONTRAST_CHOSEN, CONTRAST_REJECTED, PAIR_REJECTED, REJECTED
 from ..synthetic import judge
 from . import distributed as dist_utils
@@ -101,10 +103,13 @@ def greedy_answers(model, processor, dataset: PreferenceDataset, batch_size: int
         mask = torch.zeros_like(ids)
         for b, p in enumerate(prompts):  # generation continues every row at its end: pad on the left
             ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
-        pixels = batch.pixel_values[[row[0] for row in batch.image_index]].to(device, base.dtype)
-        out = base.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
-                            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                            pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        images = batch.images().select([row[0] for row in batch.image_index])
+        images = Images(images.pixel_values.to(device, base.dtype), images.grid_thw)
+        # The family's own inputs for whole sequences (Qwen-VL: the patch grids and the placeholder
+        # mask its M-RoPE positions are computed from).
+        rows = SimpleNamespace(input_ids=ids.to(device), attention_mask=mask.to(device))
+        out = base.generate(**adapter_for(base).sequence_kwargs(rows, images), max_new_tokens=max_new_tokens,
+                            do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=tok.eos_token_id)
         answers += [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
     return answers
 
