@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from flop_count import policy_flops
 
 from symmpo_fast import formats, packing
 from symmpo_fast.data import PreferenceCollator
@@ -235,10 +236,7 @@ def test_text_dpo_step_flops(capsys):
     """A Llama-shaped but scaled-down text model, prompt 512 tokens, responses 128: one DPO policy
     forward+backward packed (one prompt, two responses) against the official layout (two full
     sequences, full logits).  Attention is counted densely over the packed row."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     import symmpo_fast as sf
-    from symmpo_fast.layouts import forward_preference
 
     model, tok = build_tiny_text("tiny-llama", hidden_size=256, num_hidden_layers=2)
     words = "red green blue circle square the a of".split()
@@ -252,13 +250,7 @@ def test_text_dpo_step_flops(capsys):
     batch = PreferenceCollator(tok, "dpo", max_length=10**6)(records)
     prompt, response = len(batch.prompt_ids[0][0]), len(batch.response_ids[0][0])
     assert prompt == 512 and response == 128
-    cfg, ref = sf.ObjectiveConfig.dpo(), torch.zeros(2, 5)
-    flops = {}
-    for layout in ("shared_prefix", "none"):
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = forward_preference(model, batch, cfg, ref, packing=layout)
-            loss.backward()
-        flops[layout] = counter.get_total_flops()
+    flops = policy_flops(model, batch, sf.ObjectiveConfig.dpo())
     ratio = flops["shared_prefix"] / flops["none"]
     with capsys.disabled():
         print(f"\ntext DPO policy fwd+bwd, prompt {prompt}, responses {response}: packed "

@@ -3,6 +3,7 @@ saved checkpoint, and the FLOPs of the packed SymMPO step against the official l
 
 import pytest
 import torch
+from flop_count import policy_flops
 from vlm_records import make_records
 
 import symmpo_fast as sf
@@ -243,8 +244,6 @@ def test_symmpo_step_flops(capsys):
     short question, responses ~1/6 of the prefix), one SymMPO policy forward+backward packed costs
     at most 0.55x the official layout's FLOPs.  Eager attention is counted densely over the whole
     packed row (no block skipping), so the packed count is an upper bound."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model, processor = build_tiny_llava(
         seed=0, image_size=96, patch_size=8, vision_hidden_size=128, vision_intermediate_size=512, vision_heads=4,
         hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
@@ -253,13 +252,7 @@ def test_symmpo_step_flops(capsys):
     batch = PreferenceCollator(processor, "symmpo")(records)
     prefix, response = len(batch.prompt_ids[0][0]), len(batch.response_ids[0][0])
     assert prefix >= 150 and 5 * response <= prefix <= 7 * response
-    cfg, ref = sf.ObjectiveConfig.symmpo(), torch.zeros(2, 5)
-    flops = {}
-    for packing in ("shared_prefix", "none"):
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = forward_preference(model, batch, cfg, ref, packing=packing)
-            loss.backward()
-        flops[packing] = counter.get_total_flops()
+    flops = policy_flops(model, batch, sf.ObjectiveConfig.symmpo())
     ratio = flops["shared_prefix"] / flops["none"]
     with capsys.disabled():
         print(f"\nSymMPO policy fwd+bwd, prefix {prefix} tokens, responses {response}: packed "

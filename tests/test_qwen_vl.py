@@ -7,6 +7,7 @@ template, LoRA and full fine-tune targets, and the loader round trip."""
 import numpy as np
 import pytest
 import torch
+from flop_count import policy_flops
 from PIL import Image
 from vlm_records import make_records
 
@@ -371,8 +372,6 @@ def test_symmpo_step_flops(capsys):
     patches = 256 placeholder tokens, a ~30-token question, 60-token responses: one SymMPO policy
     forward+backward packed costs at most 0.55x the official layout's FLOPs.  Eager attention
     everywhere, counted densely over the whole packed row (no block skipping): an upper bound."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model, processor = build_tiny_qwen2_5_vl(
         seed=0, patch_size=4, max_pixels=128 * 128, vision_hidden_size=160,
         vision_intermediate_size=428, vision_depth=4, vision_heads=2, window_size=32, hidden_size=448,
@@ -386,14 +385,7 @@ def test_symmpo_step_flops(capsys):
     question = len(processor.tokenizer(records[0]["question"])["input_ids"])
     prefix, response = len(batch.prompt_ids[0][0]), len(batch.response_ids[0][0])
     assert image == 256 and 28 <= question <= 32 and 58 <= response <= 62, (question, response)
-    cfg, ref = sf.ObjectiveConfig.symmpo(), torch.zeros(1, 5)
-    flops = {}
-    for layout in ("shared_prefix", "none"):
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = forward_preference(model, batch, cfg, ref, packing=layout)
-            loss.backward()
-        flops[layout] = counter.get_total_flops()
-        model.zero_grad(set_to_none=True)
+    flops = policy_flops(model, batch, sf.ObjectiveConfig.symmpo())
     ratio = flops["shared_prefix"] / flops["none"]
     with capsys.disabled():
         print(f"\nQwen2.5-VL-shaped SymMPO policy fwd+bwd, prefix {prefix} tokens ({image} image, {question} "
