@@ -121,6 +121,33 @@ def _check_options(softcap, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _no_autocast(device: torch.device):
+    """The head decides its own precision, whatever autocast the caller has on: products in the
+    inputs' dtype with fp32 accumulation, fp32 logits (16-bit inputs on CUDA), fp32 log-probs.
+
+    Under bf16 autocast an ``mm`` of fp32 tensors comes out bf16: the logits lose all but 8 bits
+    of mantissa, and a bf16 chunk gradient does not go into the fp32 accumulator.  The cost of
+    the choice: fp32 master weights (a full fine-tune) keep the head's products in fp32.
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_off(fn):
+    """An autograd Function's ``forward`` or ``backward`` run under :func:`_no_autocast`.
+
+    Autograd runs ``backward`` under the caller's autocast state (the trainer calls backward
+    inside its autocast region), so the backward switches it off too, not only the forward.
+    """
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with _no_autocast(device):
+            return fn(ctx, *args)
+
+    return run
+
+
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias chunk by chunk.
 
@@ -158,6 +185,7 @@ class _TokenLogps(torch.autograd.Function):
     """``token_logps`` on CUDA: chunks of tokens, each row's whole vocabulary in one row kernel."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         N = hidden.shape[0]
@@ -179,6 +207,7 @@ class _TokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         hidden, weight, bias, rows, lab, lse = ctx.saved_tensors
@@ -210,6 +239,7 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         N, V = hidden.shape[0], weight.shape[0]
@@ -241,6 +271,7 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         hidden, weight, bias, rows, lab, lse = ctx.saved_tensors
@@ -297,7 +328,8 @@ def token_logps(
     _check_head_inputs(hidden2, weight, labels1, bias, ignore_index)
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
+        with _no_autocast(hidden.device):
+            out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
         fn = _TokenLogps if hidden.is_cuda else _TokenLogpsVocabTiled
@@ -311,6 +343,7 @@ def token_logps(
 
 class _LogitsTokenLogps(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, logits, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         lab = torch.where(labels == p.ignore_index, -1, labels).long()
@@ -325,6 +358,7 @@ class _LogitsTokenLogps(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         logits, lab, lse = ctx.saved_tensors
@@ -357,7 +391,8 @@ def logits_token_logps(
     _check_labels(labels1, V, ignore_index)
     name = _backends.resolve(backend, logits.device)
     if name == "reference":
-        out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
+        with _no_autocast(logits.device):
+            out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
         out = _LogitsTokenLogps.apply(logits2.contiguous(), labels1, p)
@@ -392,6 +427,7 @@ def _record_groups(counts: list[int], budget: int) -> list[tuple[int, int, int, 
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, ref_logps, labels, seq_index, fp: FusedParams):
         p, cfg = fp.head, fp.cfg
         ops = _backends.row_ops(p.backend)
@@ -478,6 +514,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         return loss, policy, terms
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, _gp, _gt):
         out = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
         ctx.grads = None
@@ -512,9 +549,9 @@ def fused_preference_loss(
         raise ValueError(f"seq_index value {seq1[bad][0].item()} is outside [-1, {B * NUM_ROLES}) for B={B} records")
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        loss, metrics = _reference.fused_preference_loss_reference(
-            hidden2, weight, labels1, seq1.long(), ref_logps, cfg, bias, ignore_index, softcap, temperature)
-        return loss, metrics
+        with _no_autocast(hidden.device):
+            return _reference.fused_preference_loss_reference(
+                hidden2, weight, labels1, seq1.long(), ref_logps, cfg, bias, ignore_index, softcap, temperature)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias, ref_logps))
     fp = FusedParams(HeadParams(ignore_index, softcap, float(temperature), name, chunk_size), cfg, needs_grad)
