@@ -148,6 +148,20 @@ def _autocast_off(fn):
     return run
 
 
+def _dlogits(ops, logits, labels, lse, grad, p: HeadParams, dtype: torch.dtype) -> torch.Tensor:
+    """d(sum_i grad_i * logp_i) / d logits of one chunk, ``[n, V]`` in ``dtype`` (the weight's,
+    which the products that follow need).
+
+    Written over the logits where they already have that dtype.  Else (CUDA's fp32 logits of
+    16-bit inputs) the kernel stores straight into a new buffer of ``dtype``: the conversion is
+    fused into the store instead of costing a separate read and write of [n, V], and the caller
+    can free the fp32 logits before the products.
+    """
+    out = logits if logits.dtype == dtype else torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    ops.softmax_grad(logits, labels, lse, grad, p.softcap, p.inv_temp, out)
+    return out
+
+
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias chunk by chunk.
 
@@ -162,15 +176,14 @@ class _HeadGrads:
         self.weight = torch.zeros_like(weight) if needs[1] else None
         self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None
 
-    def add(self, rows: torch.Tensor, h: torch.Tensor, dlogits: torch.Tensor, weight: torch.Tensor) -> None:
-        # dlogits: [n, V] (fp32 or the input dtype), h: [n, D], rows: [n] indices into hidden
-        d = dlogits if dlogits.dtype == weight.dtype else dlogits.to(weight.dtype)
+    def add(self, rows: torch.Tensor, h: torch.Tensor, d: torch.Tensor, weight: torch.Tensor) -> None:
+        # d: [n, V] dlogits in the weight's dtype (from _dlogits), h: [n, D], rows: [n] indices into hidden
         if self.hidden is not None:
             self.hidden.index_copy_(0, rows, torch.mm(d, weight))
         if self.weight is not None:
             self.weight.addmm_(d.t(), h)
         if self.bias is not None:
-            self.bias += dlogits.sum(0, dtype=torch.float32)
+            self.bias += d.sum(0, dtype=torch.float32)
 
     def finish(self, bias):
         b = self.bias.to(bias.dtype) if self.bias is not None else None
@@ -219,10 +232,11 @@ class _TokenLogps(torch.autograd.Function):
             r = rows[s : s + step]
             h = hidden.index_select(0, r)
             logits = _logits(h, weight, bias)  # recomputed: 2NDV, the price of not storing [N, V]
-            ops.softmax_grad(logits, lab[s : s + step], lse[s : s + step], g_all.index_select(0, r).contiguous(),
-                             p.softcap, p.inv_temp, logits)
-            grads.add(r, h, logits, weight)
-            del logits
+            d = _dlogits(ops, logits, lab[s : s + step], lse[s : s + step], g_all.index_select(0, r).contiguous(),
+                         p, weight.dtype)
+            del logits  # before the products: only d stays alive
+            grads.add(r, h, d, weight)
+            del d
         gh, gw, gb = grads.finish(bias)
         return gh, gw, gb, None, None
 
@@ -292,15 +306,15 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
             here = (lab >= v0) & (lab < v1)
             w = weight[v0:v1]
             logits = _logits(h, w, None if bias is None else bias[v0:v1])  # recomputed: 2NDV in all
-            ops.softmax_grad(logits, torch.where(here, lab - v0, cols), lse, g, p.softcap, p.inv_temp, logits)
-            d = logits if logits.dtype == weight.dtype else logits.to(weight.dtype)
+            d = _dlogits(ops, logits, torch.where(here, lab - v0, cols), lse, g, p, weight.dtype)
+            del logits
             if gh is not None:
                 gh.addmm_(d, w) if gh.dtype == d.dtype else gh.add_(torch.mm(d, w))
             if gw is not None:
                 torch.mm(d.t(), h, out=gw[v0:v1])  # each tile written once, no accumulator traffic
             if gb is not None:
-                gb[v0:v1] = logits.sum(0, dtype=torch.float32)
-            del logits, d
+                gb[v0:v1] = d.sum(0, dtype=torch.float32)
+            del d
         if gh is not None:
             gh = gh.to(hidden.dtype)
             if n != N:
@@ -502,11 +516,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 e = min(s + budget, t1)
                 h = hidden.index_select(0, tok[s:e])
                 logits = kept if kept is not None else _logits(h, weight, bias)
-                ops.softmax_grad(logits, lab[s:e], lse[s - t0 : e - t0], g_tok[s - t0 : e - t0].contiguous(),
-                                 p.softcap, p.inv_temp, logits)
-                grads.add(tok[s:e], h, logits, weight)
-                del logits
-            kept = None
+                kept = None
+                d = _dlogits(ops, logits, lab[s:e], lse[s - t0 : e - t0], g_tok[s - t0 : e - t0].contiguous(), p,
+                             weight.dtype)
+                del logits  # before the products: only d stays alive
+                grads.add(tok[s:e], h, d, weight)
+                del d
 
         loss = weighted_total(terms, cfg).mean()
         ctx.grads = grads.finish(bias) + (-grad_policy.to(ref_logps.dtype) if needs[3] else None,)

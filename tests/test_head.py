@@ -335,6 +335,53 @@ def test_gradcheck_reference_head_float64():
         (hidden, weight, bias))
 
 
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["token_logps", "fused_preference_loss"])
+def test_fp32_logits_of_16bit_inputs(monkeypatch, backend, dtype, op):
+    """The CUDA dataflow on the CPU: 16-bit hidden and weight, fp32 logits (cuBLAS's out_dtype;
+    here an fp32 product of the same values), and the logits' gradient stored by the row kernel
+    straight into the weight's dtype (no separate conversion pass), freed fp32 logits after."""
+    from symmpo_fast import head
+
+    need("cpu", backend)
+    monkeypatch.setattr(head, "_logits", lambda h, w, b: torch.mm(h.float(), w.float().t()) + (
+        0.0 if b is None else b.float()))
+    calls = []
+
+    def spy(ops, logits, *args):
+        d = dlogits(ops, logits, *args)
+        calls.append((logits.dtype, d.dtype, d is logits))
+        return d
+
+    dlogits = head._dlogits
+    monkeypatch.setattr(head, "_dlogits", spy)
+    N, D, V = fast_shape("cpu", backend)
+    if op == "token_logps":
+        hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=14)
+        h64, w64, b64 = as64(hidden, weight, bias)
+        p = head.HeadParams(-100, 4.0, 1.0, backend, 16)
+        got = head._TokenLogps.apply(hidden, weight, bias, labels, p)  # the CUDA driver
+        truth = sf.token_logps(h64, w64, labels, bias=b64, softcap=4.0, backend="reference")
+        in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, softcap=4.0, backend="reference")
+        live = [hidden, weight, bias]
+        pairs = zip(["logps", "grad hidden", "grad weight", "grad bias"], [got, *grads_of(got, live)],
+                    [truth, *grads_of(truth, [h64, w64, b64])], [in_dtype, *grads_of(in_dtype, live)])
+    else:
+        cfg = CONFIGS["symmpo"]
+        hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 5, dtype, cfg, seed=15)
+        h64, w64 = as64(hidden, weight)
+        got, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend, chunk_size=16)
+        truth, _ = sf.fused_preference_loss(h64, w64, labels, seq_index, ref, cfg, backend="reference")
+        in_dtype, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend="reference")
+        pairs = zip(["loss", "grad hidden", "grad weight"], [got, *torch.autograd.grad(got, [hidden, weight])],
+                    [truth, *torch.autograd.grad(truth, [h64, w64])],
+                    [in_dtype, *torch.autograd.grad(in_dtype, [hidden, weight])])
+    for name, g, t, r in pairs:
+        check(name, g, t, r, factor=3.0, dtype=dtype)
+    assert calls and all(c == (torch.float32, dtype, False) for c in calls), calls
+
+
 # ----------------------------------------------------------------------------------------------
 # Autocast: the head decides its own precision (products in its inputs' dtype, fp32 logps).
 
