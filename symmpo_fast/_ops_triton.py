@@ -4,8 +4,9 @@ Same signatures and results as :mod:`symmpo_fast._ops_torch` (the spec).  On CUD
 kernels are autotuned over a short list of tile sizes, keyed on the vocabulary size, the
 softcap switch and (Triton adds them) the tensors' dtypes; under ``TRITON_INTERPRET=1`` (the
 CPU test path) a single configuration is used, since benchmarking configs there needs a
-``do_bench`` the interpreter lacks.  :data:`HEAD_CONFIGS` is what ``tests/test_aot_triton.py``
-compiles for sm_80 and sm_90 without a GPU.
+``do_bench`` the interpreter lacks.  The CUDA choices (:data:`GPU_HEAD_CONFIGS` and the block
+sizes of the loss kernels) are what ``tests/test_aot_triton.py`` compiles for sm_80 and sm_90
+without a GPU.
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ from .objectives import ObjectiveConfig
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The head kernels are memory-bound streams over a row; these cover small to 256k vocabularies.
-HEAD_CONFIGS = [
+GPU_HEAD_CONFIGS = [
     triton.Config({"BLOCK_V": 2048}, num_warps=8),
     triton.Config({"BLOCK_V": 4096}, num_warps=8),
     triton.Config({"BLOCK_V": 8192}, num_warps=16),
 ]
-SEGMENT_BLOCK, LOSS_BLOCK = 1024, 128
+GPU_SEGMENT_BLOCK, GPU_LOSS_BLOCK = 1024, 128
 if _INTERPRET:
     # 512 splits the tests' V = 1001 into a full and a partial tile, exercising the online rescale.
     HEAD_CONFIGS = [triton.Config({"BLOCK_V": 512})]
     SEGMENT_BLOCK, LOSS_BLOCK = 128, 64
+else:
+    HEAD_CONFIGS = GPU_HEAD_CONFIGS
+    SEGMENT_BLOCK, LOSS_BLOCK = GPU_SEGMENT_BLOCK, GPU_LOSS_BLOCK
 
 _HEAD_KEY = ["V", "HAS_SOFTCAP"]
 _lse_gather = triton.autotune(HEAD_CONFIGS, key=_HEAD_KEY)(lse_gather_kernel)
@@ -131,14 +135,19 @@ def loss_pass(policy, ref, cfg: ObjectiveConfig):
     grad = torch.empty_like(terms)
     if B == 0:
         return terms, grad
-    used = set(cfg.used_columns)
     with _device(pol):
         loss_pass_kernel[(triton.cdiv(B, LOSS_BLOCK),)](
             pol, rf, terms, grad, B,
             float(cfg.beta), float(cfg.dpo_weight), float(cfg.copo_weight), float(cfg.pair_weight),
             float(cfg.margin_weight), float(cfg.anchor_weight), float(cfg.anchor_delta),
-            DPO=bool(cfg.dpo_weight), COPO=bool(cfg.copo_weight), PAIR=bool(cfg.pair_weight),
-            MARGIN=bool(cfg.margin_weight), ANCHOR=bool(cfg.anchor_weight), ANCHOR_CONTRAST=cfg.anchor_contrast,
-            USE1=1 in used, USE2=2 in used, USE3=3 in used, USE4=4 in used, BLOCK_B=LOSS_BLOCK,
+            **loss_pass_switches(cfg), BLOCK_B=LOSS_BLOCK,
         )
     return terms, grad
+
+
+def loss_pass_switches(cfg: ObjectiveConfig) -> dict[str, bool]:
+    """The loss-pass kernel's constexpr switches for ``cfg``: one compiled variant per distinct set."""
+    used = set(cfg.used_columns)
+    return dict(DPO=bool(cfg.dpo_weight), COPO=bool(cfg.copo_weight), PAIR=bool(cfg.pair_weight),
+                MARGIN=bool(cfg.margin_weight), ANCHOR=bool(cfg.anchor_weight), ANCHOR_CONTRAST=cfg.anchor_contrast,
+                USE1=1 in used, USE2=2 in used, USE3=3 in used, USE4=4 in used)
