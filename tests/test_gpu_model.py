@@ -13,6 +13,7 @@ and are skipped without a device (tests/conftest.py).
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import pytest
@@ -82,7 +83,12 @@ def test_flex_block_mask_equals_sdpa_dense_mask_cuda(setup, dtype, monkeypatch):
     s_logps, s_grads = logps_and_grads(moved(model, "cuda", dtype), batch, weights, row_tokens=10_000)
     flex, _ = build_tiny_llava(seed=SEED, attn_implementation="flex_attention")  # the same weights
     flex = flex.to(device="cuda", dtype=dtype)
-    f_logps, f_grads = logps_and_grads(flex, batch, weights, row_tokens=10_000)
+    times = []
+    for _ in range(2):  # the first call compiles FlexAttention's forward and backward kernels
+        t0 = time.perf_counter()
+        f_logps, f_grads = logps_and_grads(flex, batch, weights, row_tokens=10_000)
+        times.append(time.perf_counter() - t0)  # logps_and_grads ends in .cpu(): synchronized
+    print(f"flex_attention {dtype}: first forward+backward {times[0]:.1f} s (compiles), then {times[1]:.3f} s")
     # fp32 floors: 0.02 nat and 3 % cover a TF32 product inside FlexAttention's kernel; a wrong
     # mask moves a sequence by ~0.5 nat (0.49 on the CPU, tests/test_packing.py's causal variant).
     floor_nats, floor_grads = (0.02, 0.03) if dtype == torch.float32 else (0.05, torch.finfo(dtype).eps / 2)
