@@ -181,9 +181,11 @@ def test_liger_kernels_in_the_body_equal_the_plain_model_cuda(setup, dtype, monk
     for name, value in list(vars(modeling_llama).items()):
         monkeypatch.setattr(modeling_llama, name, value)
     liger = moved(model, "cuda", dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # _apply_liger warns where it could not apply the kernels
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         _apply_liger(liger)
+    # _apply_liger warns (and goes on without them) where it could not apply the kernels.
+    assert not [w for w in seen if "liger" in str(w.message).lower() and "not" in str(w.message)], seen
     assert "Liger" in type(liger.model.language_model.norm).__name__ + repr(liger.model.language_model.norm)
     l_logps, l_grads = logps_and_grads(liger, batch, weights)
     floor_nats, floor_grads = (1e-4, 1e-4) if dtype == torch.float32 else (0.05, torch.finfo(dtype).eps / 2)
