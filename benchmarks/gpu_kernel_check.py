@@ -13,7 +13,8 @@ vocabulary (32000, 128256, 151936, 262144), bf16 and fp32 logits, softcap off an
   checked on the last rows (those an int32 offset would corrupt).
 
 Each row is appended to the CSV as it is measured (a killed stage keeps what it measured), with
-the device, versions, commit and date of ``symmpo_fast.bench.environment``.
+the device, versions, commit and date of ``symmpo_fast.bench.environment``; the exit status is 1
+if any row is above its budget.
 
     python benchmarks/gpu_kernel_check.py --out kernels.csv               # CUDA
     python benchmarks/gpu_kernel_check.py --out k.csv --device cpu --smoke  # the CPU dry run
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +67,30 @@ def autotune_choice(op: str) -> str:
     return "" if cfg is None else str(cfg).replace(",", ";")
 
 
-def check_point(run: bench.Run, backend: str, V: int, dtype: torch.dtype, softcap, n: int, seed: int = 0,
+@dataclass
+class Check:
+    """Where rows go (appended to ``path`` as they are made) and how points are timed."""
+
+    device: torch.device
+    path: Path
+    env: dict
+    reps: int = 3
+    warmup: int = 1
+    rep_ms: float = 50.0
+    failed: int = 0
+
+    def timing(self, fn) -> bench.Timing:
+        return bench.time_fn(fn, self.device, self.reps, self.warmup, self.rep_ms)
+
+    def add(self, **fields) -> None:
+        row = {**self.env, **{k: bench._fmt(v) for k, v in fields.items()}}
+        bench.append_rows(self.path, [row], FIELDS)
+        self.failed += row["status"] != "ok"
+        print("  " + "  ".join(f"{k}={row[k]}" for k in ("backend", "op", "V", "dtype", "softcap", "ms", "gb_s",
+                                                         "err", "status", "config") if row.get(k)), flush=True)
+
+
+def check_point(run: Check, backend: str, V: int, dtype: torch.dtype, softcap, n: int, seed: int = 0,
                 label: str = "") -> None:
     """Both row ops on ``[n, V]`` logits: error of the checked rows, time, GB/s, the tuner's pick."""
     device = run.device
@@ -112,8 +137,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     command = "python benchmarks/gpu_kernel_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     env = {k: v for k, v in bench.environment(device, command).items() if k in FIELDS}
-    run = bench.Run(device=device, env=env, reps=1 if args.smoke else 3, warmup=0 if args.smoke else 1, rep_ms=50.0)
-    run.add = _csv_adder(args.out, env)
+    run = Check(device, args.out, env, reps=1 if args.smoke else 3, warmup=0 if args.smoke else 1)
     vocabs = (1001,) if args.smoke else (32000, 128256, 151936, 262144)
     target = 0 if args.smoke else 256 * 2**20  # bytes of logits per point (smoke: the 64 checked rows)
     chosen = [b for b in backends_here(device) if not args.backends or b in args.backends.split(",")]
@@ -128,18 +152,8 @@ def main(argv=None) -> int:
             n, V = (80, 1001) if args.smoke else (8320, 262144)
             check_point(run, backend, V, torch.bfloat16, None, n, label=" one launch" + (" >2^31" if n * V > 2**31
                                                                                           else ""))
-    return 0
-
-
-def _csv_adder(path: Path, env: dict):
-    def add(**fields):
-        row = {**env, **{k: bench._fmt(v) for k, v in fields.items()}}
-        bench.append_rows(path, [row], FIELDS)
-        print("  " + "  ".join(f"{k}={row[k]}" for k in ("backend", "op", "V", "dtype", "softcap", "ms", "gb_s",
-                                                         "err", "status", "config") if row.get(k)), flush=True)
-        return row
-
-    return add
+    print(f"{run.failed} rows above their error budget")
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":

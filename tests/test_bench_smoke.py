@@ -163,6 +163,29 @@ def _files(out):
     return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
 
 
+def test_kernel_check_flags_an_error_above_budget(tmp_path, monkeypatch):
+    """benchmarks/gpu_kernel_check.py: a correct backend's rows pass their budget, one whose lse
+    is 1e-4 off does not (FAIL rows, counted for the exit status)."""
+    import importlib
+
+    from symmpo_fast import registry
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    kc = importlib.import_module("gpu_kernel_check")
+    check = kc.Check(torch.device("cpu"), tmp_path / "k.csv", {}, reps=1, warmup=0)
+    kc.check_point(check, "torch", 1001, torch.float32, 30.0, 64)
+    assert check.failed == 0
+    good = registry.row_ops("torch")
+    monkeypatch.setattr(registry, "row_ops", lambda name: registry.RowOps(
+        lambda *a: tuple(t + 1e-4 for t in good.lse_gather(*a)), good.softmax_grad, good.segment_sum,
+        good.loss_pass))
+    kc.check_point(check, "torch", 1001, torch.float32, 30.0, 64)
+    _, rows = _read(tmp_path / "k.csv")
+    # The softmax gradient, computed from that lse, fails too.
+    assert [r["status"] for r in rows] == ["ok", "ok"] + ["FAIL: error above budget"] * 2
+    assert check.failed == 2
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """Every stage runs in order and writes its files; at most 8 files, 2 folders down, names the
