@@ -3,11 +3,11 @@
 For each backend the registry says runs on the device (triton, csrc when built, torch), each
 vocabulary (32000, 128256, 151936, 262144), bf16 and fp32 logits, softcap off and on:
 
-* ``lse_gather`` and ``softmax_grad`` on about 256 MiB of logits (several times the L2): time (``do_bench`` median on
-  CUDA), GB/s (bytes read, plus written for softmax_grad), and the error of the first 64 rows
-  against float64, checked against a budget: 4 fp32 ulps of the largest value for logp and lse
-  (the logits are exact in fp32, so only fp32 arithmetic errs), plus half an ulp of the output
-  dtype for the gradient;
+* ``lse_gather`` and ``softmax_grad`` on about 256 MiB of logits (several times the L2): time
+  (``do_bench`` median on CUDA), GB/s (bytes read, plus written for softmax_grad), and the error
+  of the first 64 rows against float64, checked against the suite's budget: 4 x the error of the
+  pure-PyTorch spec (``_ops_torch``, fp32) on the same rows, plus 4 fp32 ulps of the largest
+  value, plus half an ulp of the output dtype for the gradient;
 * Triton's autotuner's choice for each key;
 * one launch of each kernel over ``[8320, 262144]`` bf16 logits (2.18e9 > 2^31 elements),
   checked on the last rows (those an int32 offset would corrupt).
@@ -53,10 +53,11 @@ def truth(logits, labels, grad, softcap):
     return logp.detach(), lse.detach(), g
 
 
-def err_and_budget(got, want, out_dtype=torch.float32):
-    scale = float(want.abs().max())
-    budget = (4 * EPS32 + (torch.finfo(out_dtype).eps / 2 if out_dtype != torch.float32 else 0.0)) * (1 + scale)
-    return float((got.double() - want).abs().max()), budget
+def err_and_budget(got, spec, want, out_dtype=torch.float32):
+    """(error of ``got``, its budget) against the float64 ``want``: 4 x the spec's error + a floor."""
+    err = lambda t: float((t.double() - want).abs().max())  # noqa: E731
+    half_ulp = torch.finfo(out_dtype).eps / 2 if out_dtype != torch.float32 else 0.0
+    return err(got), 4 * err(spec) + (4 * EPS32 + half_ulp) * (1 + float(want.abs().max()))
 
 
 def autotune_choice(op: str) -> str:
@@ -102,13 +103,17 @@ def check_point(run: Check, backend: str, V: int, dtype: torch.dtype, softcap, n
     ops = registry.row_ops(backend)
     rows = slice(n - 64, n) if label else slice(0, 64)  # the big launch: check the last rows
     t_logp, t_lse, t_grad = truth(logits[rows], labels[rows], grad[rows], softcap)
+    spec = registry.row_ops("torch")
+    s_logp, s_lse = spec.lse_gather(logits[rows], labels[rows], softcap, 1.0)
+    s_grad = spec.softmax_grad(logits[rows], labels[rows], s_lse, grad[rows], softcap, 1.0,
+                               torch.empty_like(logits[rows]))
     short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     base = dict(backend=backend, V=V, dtype=short, softcap=softcap or "", rows=n)
     elsize = logits.element_size()
 
     logp, lse = ops.lse_gather(logits, labels, softcap, 1.0)
-    e1, b1 = err_and_budget(logp[rows], t_logp)
-    e2, b2 = err_and_budget(lse[rows], t_lse)
+    e1, b1 = err_and_budget(logp[rows], s_logp, t_logp)
+    e2, b2 = err_and_budget(lse[rows], s_lse, t_lse)
     t = run.timing(lambda: ops.lse_gather(logits, labels, softcap, 1.0))
     config = autotune_choice("lse_gather") if backend == "triton" else ""
     ok = e1 <= b1 and e2 <= b2
@@ -118,7 +123,7 @@ def check_point(run: Check, backend: str, V: int, dtype: torch.dtype, softcap, n
     # The gradient into a separate buffer in the logits' dtype (as logits_token_logps writes it).
     out = torch.empty_like(logits)
     ops.softmax_grad(logits, labels, lse, grad, softcap, 1.0, out)
-    e3, b3 = err_and_budget(out[rows], t_grad, dtype)
+    e3, b3 = err_and_budget(out[rows], s_grad, t_grad, dtype)
     t = run.timing(lambda: ops.softmax_grad(logits, labels, lse, grad, softcap, 1.0, out))
     config = autotune_choice("softmax_grad") if backend == "triton" else ""
     run.add(**base, op="softmax_grad" + label, ms=t.median, gb_s=2 * n * V * elsize / t.median / 1e6, err=e3,
