@@ -8,8 +8,8 @@ is one the wrappers can launch.  Resource use comes from ``cuobjdump -res-usage`
 (the cuobjdump Triton ships).  The compiles run in a child process with the interpreter off:
 the CPU suite imports Triton under ``TRITON_INTERPRET=1``, which makes every ``@triton.jit``
 function, Triton's own ``tl.max`` and ``tl.sum`` included, an interpreter function that does not
-compile.  Variants compiled (about 65 distinct ones per target, each once: seconds with Triton's
-cache, ~30 s without on 2 cores):
+compile.  Variants compiled (71 distinct ones per target, each once, in a pool of one process
+per core: seconds with Triton's cache, 13 to 25 s without on 2 cores):
 
 * every constexpr combination of the head kernels (the three CUDA configs of BLOCK_V and
   num_warps x softcap on/off) x every dtype they read and write, on contiguous aligned rows,
@@ -24,6 +24,7 @@ cache, ~30 s without on 2 cores):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,8 +38,9 @@ import pytest
 VOCABS = (32000, 128256, 151936, 262144)
 ARCHS = (80, 90)
 # The largest program has 16 warps (512 threads): at most 128 registers a thread lets it fit an
-# SM's 65536 registers.  Seen: 15 to 96 (Triton 3.9), 15 to 101 (Triton 3.6); lse_gather with
-# BLOCK_V=8192 is the largest (its per-lane running max and sum: 2 x 16 values a thread).
+# SM's 65536 registers.  Seen for sm_90: 15 to 102 (Triton 3.9), 15 to 113 (Triton 3.6), the
+# largest lse_gather with BLOCK_V 4096 and 8192 (its per-lane running max and sum: 2 x 16 values
+# a thread at BLOCK_V=8192); at most 64 for every other kernel.
 MAX_REGISTERS = 128
 
 
@@ -46,6 +48,7 @@ MAX_REGISTERS = 128
 # The child process: enumerate, specialise, compile, read resource use.
 
 
+@functools.lru_cache(maxsize=None)
 def _launches():
     """(label, kernel, args, kwargs) of every launch enumerated in the module docstring."""
     import torch
@@ -121,30 +124,51 @@ def _resource_usage(cuobjdump: str, cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
-def compile_all():
-    """One dict per (launch, target): label, arch, variant key, resource usage, Triton version."""
-    import triton
-    from triton import knobs
+def _specialise(arch: int, index: int):
+    """(label, variant key, what triton.compile takes) of launch ``index`` on sm_``arch``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    rows, done = [], {}
-    for arch in ARCHS:
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        for label, fn, args, kwargs in _launches():
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, spec, opts = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-            key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
-                        kwargs.get("num_warps")))
-            if key not in done:
-                kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                        options=options.__dict__)
-                done[key] = _resource_usage(knobs.nvidia.cuobjdump.path, kernel.asm["cubin"])
-            rows.append(dict(label=label, arch=arch, key=key, triton=triton.__version__, **done[key]))
-    return rows
+    label, fn, args, kwargs = _launches()[index]
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    key = repr((fn.__name__, sorted(signature.items()), sorted(constexprs.items()), sorted(attrs.items()),
+                kwargs.get("num_warps")))
+    return label, key, (ASTSource(fn, signature, constexprs, attrs), target, options.__dict__)
+
+
+def _compile(item: tuple[int, int]) -> dict[str, int]:
+    import triton
+    from triton import knobs
+
+    src, target, options = _specialise(*item)[2]
+    kernel = triton.compile(src, target=target, options=options)
+    return _resource_usage(knobs.nvidia.cuobjdump.path, kernel.asm["cubin"])
+
+
+def compile_all():
+    """One dict per (launch, target): label, arch, variant key, resource usage, Triton version.
+
+    Each distinct variant is compiled once, in a pool of one process per core."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import triton
+
+    items = [(arch, i) for arch in ARCHS for i in range(len(_launches()))]
+    keys = {item: _specialise(*item)[:2] for item in items}
+    first = {}
+    for item, (_, key) in keys.items():
+        first.setdefault((item[0], key), item)
+    # fork: the children need no CUDA, and inherit the imports.
+    with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        usage = dict(zip(first, pool.map(_compile, first.values())))
+    return [dict(label=keys[item][0], arch=item[0], key=keys[item][1], triton=triton.__version__,
+                 **usage[(item[0], keys[item][1])]) for item in items]
 
 
 # ----------------------------------------------------------------------------------------------
