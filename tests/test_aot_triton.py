@@ -124,6 +124,18 @@ def _resource_usage(cuobjdump: str, cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
+def loop_barriers(ptx: str) -> int:
+    """``bar.sync`` instructions inside loops (between a label and a branch back to it)."""
+    lines = ptx.splitlines()
+    where = {line.split(":")[0]: n for n, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+    count = 0
+    for n, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and where.get(m.group(1), n) < n:
+            count += sum("bar.sync" in x for x in lines[where[m.group(1)]:n])
+    return count
+
+
 def _specialise(arch: int, index: int):
     """(label, variant key, what triton.compile takes) of launch ``index`` on sm_``arch``."""
     from triton.backends.compiler import GPUTarget
@@ -147,7 +159,8 @@ def _compile(item: tuple[int, int]) -> dict[str, int]:
 
     src, target, options = _specialise(*item)[2]
     kernel = triton.compile(src, target=target, options=options)
-    return _resource_usage(knobs.nvidia.cuobjdump.path, kernel.asm["cubin"])
+    return dict(_resource_usage(knobs.nvidia.cuobjdump.path, kernel.asm["cubin"]),
+                loop_barriers=loop_barriers(kernel.asm["ptx"]))
 
 
 def compile_all():
@@ -200,6 +213,18 @@ def test_every_variant_compiles_without_spills(table):
     assert len(distinct) == len(ARCHS) * (18 + 30 + 18 + 5), len(distinct)
     bad = [r for r in distinct.values() if r["LOCAL"] or r["STACK"] or not 0 < r["REG"] <= MAX_REGISTERS]
     assert not bad, bad
+
+
+def test_the_head_kernels_have_no_barrier_in_their_loop(table):
+    """lse_gather keeps a per-lane running max and sum and reduces once, after its loop (a
+    block-wide reduction per tile put 4 bar.sync in every iteration); softmax_grad reduces nothing."""
+    head = [r for r in table if r["label"].startswith(("lse", "grad"))]
+    assert head and all(r["loop_barriers"] == 0 for r in head), [r for r in head if r["loop_barriers"]][:3]
+
+
+def test_the_loop_barrier_count_can_see_a_barrier():
+    ptx = "$L__BB0_1:\n\tld.global.f32 %f1, [%rd1];\n\tbar.sync \t0;\n\t@%p1 bra \t$L__BB0_1;\n\tbar.sync 0;\n"
+    assert loop_barriers(ptx) == 1
 
 
 if __name__ == "__main__":
