@@ -121,7 +121,7 @@ def test_token_logps_other_driver_order(device, backend, dtype):
     truth = sf.token_logps(h64, w64, labels, bias=b64, backend="reference", **kw)
     in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, backend="reference", **kw)
     other = _TokenLogpsVocabTiled if device == "cuda" else _TokenLogps
-    # chunk_size: 16 rows per token chunk, or 64 columns per vocabulary tile (V spans 5 to 16 tiles).
+    # chunk_size: 16 rows per token chunk, or 64 columns per vocabulary tile (V = 1001: 16 tiles).
     got = other.apply(hidden, weight, bias, labels, HeadParams(-100, 3.0, 0.8, backend, 16 if device == "cpu" else 64))
     check("logps", got, truth, in_dtype, dtype=dtype)
     for name, g, t, r in zip(["hidden", "weight", "bias"], grads_of(got, [hidden, weight, bias]),
@@ -347,14 +347,13 @@ def test_fp32_logits_of_16bit_inputs(monkeypatch, backend, dtype, op):
     need("cpu", backend)
     monkeypatch.setattr(head, "_logits", lambda h, w, b: torch.mm(h.float(), w.float().t()) + (
         0.0 if b is None else b.float()))
-    calls = []
+    calls, dlogits = [], head._dlogits
 
     def spy(ops, logits, *args):
         d = dlogits(ops, logits, *args)
         calls.append((logits.dtype, d.dtype, d is logits))
         return d
 
-    dlogits = head._dlogits
     monkeypatch.setattr(head, "_dlogits", spy)
     N, D, V = fast_shape("cpu", backend)
     if op == "token_logps":
