@@ -111,6 +111,7 @@ stage_setup() {
     if [ "$BUILD_EXT" = 1 ]; then
         # In the background while the tests stage runs; the csrc stage waits for build.rc.
         echo "building the CUDA extension in the background: $BUILD_CMD"
+        touch "$WORK/build.started"
         ( eval "$BUILD_CMD" > "$WORK/build.log" 2>&1; echo $? > "$WORK/build.rc" ) &
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
@@ -145,7 +146,7 @@ stage_tests() {
 
 stage_csrc() {
     local build=0
-    if [ "$BUILD_EXT" = 1 ]; then
+    if [ -f "$WORK/build.started" ]; then
         echo "waiting for the extension build (started at setup)"
         while [ ! -f "$WORK/build.rc" ]; do sleep 2; done
         build=$(cat "$WORK/build.rc")
@@ -196,7 +197,8 @@ for entry in $STAGES; do
     fi
     echo; echo "== stage $name (limit $t s) at +$(elapsed) s"
     start=$(date +%s)
-    STAGE_LIMIT=$t timeout --signal=INT --kill-after=10 "$t" bash -c "source '$WORK/env.sh'; stage_$name"
+    STAGE_LIMIT=$t timeout --signal=INT --kill-after=10 "$t" \
+        bash -c "set -o pipefail; source '$WORK/env.sh'; stage_$name"
     rc=$?
     secs=$(( $(date +%s) - start ))
     case $rc in
