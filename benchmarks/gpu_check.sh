@@ -8,9 +8,9 @@
 #
 # Stages run in this order, each under its own limit (seconds, STAGES below) and all under
 # DEADLINE_S (540: the call's 570 s less the copy back); a stage that would get less than
-# MIN_STAGE_S (or its whole limit, if smaller) is skipped.  Each one writes its results into OUTDIR as it goes (CSV rows as they
-# are measured, test results when its pytest ends), so a kill at the limit keeps every finished
-# stage's results:
+# MIN_STAGE_S (or its whole limit, if smaller) is skipped.  Each one writes its results into
+# OUTDIR as it goes (CSV rows as they are measured, test results when its pytest ends), so a
+# kill at the limit keeps every finished stage's results:
 #
 #   setup    carried wheels, editable install without native code, the nvcc build of the CUDA
 #            extension started in the background                        -> summary.txt (versions)
@@ -41,7 +41,8 @@ export OUT PY=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-gpu} PY
 export WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXX)}
 # The defaults are the device run; each can be narrowed for a dry run.
 export BUILD_EXT=${BUILD_EXT:-1}
-export BUILD_CMD=${BUILD_CMD:-"env SYMMPO_FAST_NO_EXT=0 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=12 $PY setup.py build_ext --inplace"}
+export BUILD_CMD=${BUILD_CMD:-"env SYMMPO_FAST_NO_EXT=0 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=12 \
+$PY setup.py build_ext --inplace"}
 # The CUDA cases: test_head's cuda-* ids and all of test_triton_ops (it runs on CUDA where there
 # is one); csrc's wait for the build.  (-k matches the folder names too: keep "cuda" and "csrc"
 # out of the checkout's path.)
