@@ -17,6 +17,10 @@ from setuptools import find_packages, setup
 
 NO_EXT = os.environ.get("SYMMPO_FAST_NO_EXT", "0") == "1"
 NO_CUDA = os.environ.get("SYMMPO_FAST_NO_CUDA", "0") == "1"
+# --use_fast_math: approximate division, logf and the __expf the kernels call anyway.  It would
+# also turn tanhf into the hardware tanh.approx, so csrc/cuda/common.cuh computes tanh through
+# exp.  tests/test_cuda_compile.py compiles the .cu files with these flags (read from here).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
 def _extensions():
@@ -47,7 +51,7 @@ def _extensions():
         define.append(("SYMMPO_FAST_WITH_CUDA", "1"))
         ext = CUDAExtension(
             "symmpo_fast._C", sources, define_macros=define,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -51,18 +51,27 @@ def lse_gather_kernel(
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
 
-    # Online log-sum-exp: running max m and sum s of exp(z - m), rescaled when m grows.
-    m = float("-inf")
-    s = 0.0
+    # Online log-sum-exp kept per lane: lane j holds the running max m[j] and sum s[j] of
+    # exp(z - m[j]) over the columns j, j + BLOCK_V, ...; the lanes are combined once, after the
+    # loop.  A block-wide max and sum per tile would cost 4 barriers per tile in the loop.
+    # exp(-|z - m|) is the one exp per value either way: it rescales s when z is the new max
+    # (s * exp(m - z) + 1) and is the new term otherwise (s + exp(z - m)).  m starts at the
+    # lowest finite float, not -inf, so z - m is never -inf - (-inf) = NaN: a z = -inf (the
+    # tail's fill, a masked vocabulary) gives t = 0 and adds nothing, and a lane that never sees
+    # a finite value keeps s = 0.  A NaN logit makes s NaN, hence the row's lse.
+    m = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(row_ptr + start + cols, mask=mask, other=0.0)
         # Mask after the transform: softcap would map a -inf fill to -softcap.
         z = tl.where(mask, _transform(x, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
+        d = z - m
+        t = tl.exp(-tl.abs(d))
+        s = tl.where(d > 0, s * t + 1.0, s + t)
+        m = tl.maximum(m, z)
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
 
     label = tl.load(labels_ptr + row)
     # label >= V: the row's label lies in another vocabulary tile (logp 0 here, never read).

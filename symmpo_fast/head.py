@@ -121,6 +121,47 @@ def _check_options(softcap, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _no_autocast(device: torch.device):
+    """The head decides its own precision, whatever autocast the caller has on: products in the
+    inputs' dtype with fp32 accumulation, fp32 logits (16-bit inputs on CUDA), fp32 log-probs.
+
+    Under bf16 autocast an ``mm`` of fp32 tensors comes out bf16: the logits lose all but 8 bits
+    of mantissa, and a bf16 chunk gradient does not go into the fp32 accumulator.  The cost of
+    the choice: fp32 master weights (a full fine-tune) keep the head's products in fp32.
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
+def _autocast_off(fn):
+    """An autograd Function's ``forward`` or ``backward`` run under :func:`_no_autocast`.
+
+    Autograd runs ``backward`` under the caller's autocast state (the trainer calls backward
+    inside its autocast region), so the backward switches it off too, not only the forward.
+    """
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with _no_autocast(device):
+            return fn(ctx, *args)
+
+    return run
+
+
+def _dlogits(ops, logits, labels, lse, grad, p: HeadParams, dtype: torch.dtype) -> torch.Tensor:
+    """d(sum_i grad_i * logp_i) / d logits of one chunk, ``[n, V]`` in ``dtype`` (the weight's,
+    which the products that follow need).
+
+    Written over the logits where they already have that dtype.  Else (CUDA's fp32 logits of
+    16-bit inputs) the kernel stores straight into a new buffer of ``dtype``: the conversion is
+    fused into the store instead of costing a separate read and write of [n, V], and the caller
+    can free the fp32 logits before the products.
+    """
+    out = logits if logits.dtype == dtype else torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    ops.softmax_grad(logits, labels, lse, grad, p.softcap, p.inv_temp, out)
+    return out
+
+
 class _HeadGrads:
     """Accumulates the gradients of hidden, weight and bias chunk by chunk.
 
@@ -135,15 +176,14 @@ class _HeadGrads:
         self.weight = torch.zeros_like(weight) if needs[1] else None
         self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs[2] else None
 
-    def add(self, rows: torch.Tensor, h: torch.Tensor, dlogits: torch.Tensor, weight: torch.Tensor) -> None:
-        # dlogits: [n, V] (fp32 or the input dtype), h: [n, D], rows: [n] indices into hidden
-        d = dlogits if dlogits.dtype == weight.dtype else dlogits.to(weight.dtype)
+    def add(self, rows: torch.Tensor, h: torch.Tensor, d: torch.Tensor, weight: torch.Tensor) -> None:
+        # d: [n, V] dlogits in the weight's dtype (from _dlogits), h: [n, D], rows: [n] indices into hidden
         if self.hidden is not None:
             self.hidden.index_copy_(0, rows, torch.mm(d, weight))
         if self.weight is not None:
             self.weight.addmm_(d.t(), h)
         if self.bias is not None:
-            self.bias += dlogits.sum(0, dtype=torch.float32)
+            self.bias += d.sum(0, dtype=torch.float32)
 
     def finish(self, bias):
         b = self.bias.to(bias.dtype) if self.bias is not None else None
@@ -158,6 +198,7 @@ class _TokenLogps(torch.autograd.Function):
     """``token_logps`` on CUDA: chunks of tokens, each row's whole vocabulary in one row kernel."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         N = hidden.shape[0]
@@ -179,6 +220,7 @@ class _TokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         hidden, weight, bias, rows, lab, lse = ctx.saved_tensors
@@ -190,10 +232,11 @@ class _TokenLogps(torch.autograd.Function):
             r = rows[s : s + step]
             h = hidden.index_select(0, r)
             logits = _logits(h, weight, bias)  # recomputed: 2NDV, the price of not storing [N, V]
-            ops.softmax_grad(logits, lab[s : s + step], lse[s : s + step], g_all.index_select(0, r).contiguous(),
-                             p.softcap, p.inv_temp, logits)
-            grads.add(r, h, logits, weight)
-            del logits
+            d = _dlogits(ops, logits, lab[s : s + step], lse[s : s + step], g_all.index_select(0, r).contiguous(),
+                         p, weight.dtype)
+            del logits  # before the products: only d stays alive
+            grads.add(r, h, d, weight)
+            del d
         gh, gw, gb = grads.finish(bias)
         return gh, gw, gb, None, None
 
@@ -210,6 +253,7 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         N, V = hidden.shape[0], weight.shape[0]
@@ -241,6 +285,7 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         hidden, weight, bias, rows, lab, lse = ctx.saved_tensors
@@ -261,15 +306,15 @@ class _TokenLogpsVocabTiled(torch.autograd.Function):
             here = (lab >= v0) & (lab < v1)
             w = weight[v0:v1]
             logits = _logits(h, w, None if bias is None else bias[v0:v1])  # recomputed: 2NDV in all
-            ops.softmax_grad(logits, torch.where(here, lab - v0, cols), lse, g, p.softcap, p.inv_temp, logits)
-            d = logits if logits.dtype == weight.dtype else logits.to(weight.dtype)
+            d = _dlogits(ops, logits, torch.where(here, lab - v0, cols), lse, g, p, weight.dtype)
+            del logits
             if gh is not None:
                 gh.addmm_(d, w) if gh.dtype == d.dtype else gh.add_(torch.mm(d, w))
             if gw is not None:
                 torch.mm(d.t(), h, out=gw[v0:v1])  # each tile written once, no accumulator traffic
             if gb is not None:
-                gb[v0:v1] = logits.sum(0, dtype=torch.float32)
-            del logits, d
+                gb[v0:v1] = d.sum(0, dtype=torch.float32)
+            del d
         if gh is not None:
             gh = gh.to(hidden.dtype)
             if n != N:
@@ -297,7 +342,8 @@ def token_logps(
     _check_head_inputs(hidden2, weight, labels1, bias, ignore_index)
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
+        with _no_autocast(hidden.device):
+            out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
         fn = _TokenLogps if hidden.is_cuda else _TokenLogpsVocabTiled
@@ -311,6 +357,7 @@ def token_logps(
 
 class _LogitsTokenLogps(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, logits, labels, p: HeadParams):
         ops = _backends.row_ops(p.backend)
         lab = torch.where(labels == p.ignore_index, -1, labels).long()
@@ -325,6 +372,7 @@ class _LogitsTokenLogps(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         p: HeadParams = ctx.p
         logits, lab, lse = ctx.saved_tensors
@@ -357,7 +405,8 @@ def logits_token_logps(
     _check_labels(labels1, V, ignore_index)
     name = _backends.resolve(backend, logits.device)
     if name == "reference":
-        out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
+        with _no_autocast(logits.device):
+            out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
         out = _LogitsTokenLogps.apply(logits2.contiguous(), labels1, p)
@@ -392,6 +441,7 @@ def _record_groups(counts: list[int], budget: int) -> list[tuple[int, int, int, 
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, ref_logps, labels, seq_index, fp: FusedParams):
         p, cfg = fp.head, fp.cfg
         ops = _backends.row_ops(p.backend)
@@ -466,11 +516,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 e = min(s + budget, t1)
                 h = hidden.index_select(0, tok[s:e])
                 logits = kept if kept is not None else _logits(h, weight, bias)
-                ops.softmax_grad(logits, lab[s:e], lse[s - t0 : e - t0], g_tok[s - t0 : e - t0].contiguous(),
-                                 p.softcap, p.inv_temp, logits)
-                grads.add(tok[s:e], h, logits, weight)
-                del logits
-            kept = None
+                kept = None
+                d = _dlogits(ops, logits, lab[s:e], lse[s - t0 : e - t0], g_tok[s - t0 : e - t0].contiguous(), p,
+                             weight.dtype)
+                del logits  # before the products: only d stays alive
+                grads.add(tok[s:e], h, d, weight)
+                del d
 
         loss = weighted_total(terms, cfg).mean()
         ctx.grads = grads.finish(bias) + (-grad_policy.to(ref_logps.dtype) if needs[3] else None,)
@@ -478,6 +529,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         return loss, policy, terms
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_loss, _gp, _gt):
         out = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
         ctx.grads = None
@@ -512,9 +564,9 @@ def fused_preference_loss(
         raise ValueError(f"seq_index value {seq1[bad][0].item()} is outside [-1, {B * NUM_ROLES}) for B={B} records")
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        loss, metrics = _reference.fused_preference_loss_reference(
-            hidden2, weight, labels1, seq1.long(), ref_logps, cfg, bias, ignore_index, softcap, temperature)
-        return loss, metrics
+        with _no_autocast(hidden.device):
+            return _reference.fused_preference_loss_reference(
+                hidden2, weight, labels1, seq1.long(), ref_logps, cfg, bias, ignore_index, softcap, temperature)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias, ref_logps))
     fp = FusedParams(HeadParams(ignore_index, softcap, float(temperature), name, chunk_size), cfg, needs_grad)

@@ -3,6 +3,10 @@
 These materialise ``[N, V]`` logits and a ``[N, V]`` log-softmax exactly as the official SymMPO
 and mDPO code do (logits -> log_softmax -> gather), so they are the "before" of every
 comparison and, run in float64, the ground truth every backend is checked against.
+
+:mod:`symmpo_fast.head` runs their forward with autocast off (the head decides its own
+precision); their backward is plain autograd, which follows the autocast state it is called
+under, so call ``backward`` outside autocast (as PyTorch recommends) for an fp32 backward.
 """
 
 from __future__ import annotations

@@ -136,41 +136,100 @@ def test_plots_and_latest_table(head_results):
 ROOT = bench.Path(bench.__file__).resolve().parents[1]
 
 
-def _gpu_script(name, tmp_path, **env):
+def _gpu_check(tmp_path, **env):
+    """benchmarks/gpu_check.sh on the CPU: nothing installed, cheap selections, the bench stages
+    under a budget that skips every point (their commands and files, not their numbers: the
+    smoke runs above measure)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SKIP_INSTALL="1", PYTHON=sys.executable, OUT=str(tmp_path), **env)
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / name)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    defaults = dict(DEVICE="cpu", PRESET="smoke", SKIP_INSTALL="1", PYTHON=sys.executable, BUILD_CMD="sleep 2",
+                    WORK=str(tmp_path / "work"),
+                    KERNEL_TESTS="tests/test_head.py tests/test_triton_ops.py::test_head_ops_empty",
+                    KERNELS_ARGS="--smoke --backends torch", HEAD_ARGS="--budget-s 0.001",
+                    STEP_ARGS="--budget-s 0.001")
+    (tmp_path / "work").mkdir()
+    full = {**os.environ, **defaults, **env}
+    full.pop("TRITON_INTERPRET", None)  # as on the device: the script's children decide
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], cwd=ROOT, env=full,
+                       capture_output=True, text=True, timeout=600)
+    summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    return p, out, {line.split()[0]: line for line in summary.splitlines()}
 
 
-def test_gpu_runner_dry_run(tmp_path):
-    """The GPU runner's shell logic on the CPU (smoke preset, short budgets): each scenario writes
-    its CSV, the charts and latest.md are drawn, results.tar.gz and the log land in $OUT."""
-    import tarfile
+def _files(out):
+    return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
 
-    results = tmp_path / "results"
-    p = _gpu_script("gpu_runner.sh", tmp_path, PRESET="smoke", DEVICE="cpu", RESULTS=str(results),
-                    HEAD_S="1", STEP_S="60", LENGTHS_S="60")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name, scenario in (("head_loss.csv", "head"), ("step.csv", "step"), ("lengths.csv", "lengths")):
-        _, rows = _read(results / name)
+
+def test_kernel_check_flags_an_error_above_budget(tmp_path, monkeypatch):
+    """benchmarks/gpu_kernel_check.py: a correct backend's rows pass their budget, one whose lse
+    is 1e-4 off does not (FAIL rows, counted for the exit status)."""
+    import importlib
+
+    from symmpo_fast import registry
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    kc = importlib.import_module("gpu_kernel_check")
+    check = kc.Check(torch.device("cpu"), tmp_path / "k.csv", {}, reps=1, warmup=0)
+    kc.check_point(check, "torch", 1001, torch.float32, 30.0, 64)
+    assert check.failed == 0
+    good = registry.row_ops("torch")
+    off = registry.RowOps(lambda *a: tuple(t + 1e-4 for t in good.lse_gather(*a)), good.softmax_grad,
+                          good.segment_sum, good.loss_pass)
+    monkeypatch.setattr(registry, "row_ops", lambda name: good if name == "torch" else off)  # the spec stays right
+    kc.check_point(check, "csrc", 1001, torch.float32, 30.0, 64)
+    _, rows = _read(tmp_path / "k.csv")
+    # The softmax gradient, computed from that lse, fails too.
+    assert [r["status"] for r in rows] == ["ok", "ok"] + ["FAIL: error above budget"] * 2
+    assert check.failed == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """Every stage runs in order and writes its files; at most 8 files, 2 folders down, names the
+    device tool returns; the log holds each stage; the background build was waited for."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    p, out, stages = _gpu_check(tmp_path)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    order = ["setup", "tests", "csrc", "kernels", "head", "model", "step"]
+    assert [k for k in stages if k in order] == order and all(" ok " in stages[k] for k in order), stages
+    assert {"device", "packages", "backends"} <= set(stages)
+    files = _files(out)
+    assert files == ["bench/head_loss.csv", "bench/step.csv", "gpu_check.log", "kernels.csv", "model.xml",
+                     "summary.txt", "tests.xml"], files
+    assert len(files) <= 8 and all(f.count("/") <= 2 and re.fullmatch(r"[\w./-]+", f) for f in files)
+    suites = {s.get("name"): s for s in ET.parse(out / "tests.xml").getroot()}
+    assert set(suites) == {"tests_kernels", "tests_csrc"}  # both runs, merged
+    cases = [c.get("name") for c in suites["tests_kernels"].iter("testcase")]
+    # test_head's CUDA cases (skipped on the CPU) and the Triton one selected; no CPU or csrc case.
+    assert "test_head_ops_empty" in cases and len(cases) > 100
+    assert not [c for c in cases if "cpu-" in c or "csrc" in c]
+    assert int(suites["tests_kernels"].get("failures")) == 0 and int(suites["tests_kernels"].get("errors")) == 0
+    csrc = [c.get("classname") + "::" + c.get("name") for c in suites["tests_csrc"].iter("testcase")]
+    assert csrc and all("csrc" in c and "cuda" in c for c in csrc), csrc
+    _, kernels = _read(out / "kernels.csv")
+    assert kernels and {r["status"] for r in kernels} == {"ok"} and {r["backend"] for r in kernels} == {"torch"}
+    for name, scenario in (("head_loss.csv", "head"), ("step.csv", "step")):
+        _, rows = _read(out / "bench" / name)
         assert rows and {r["scenario"] for r in rows} == {scenario}
-        assert any(r["status"] == "ok" for r in rows), name
-    assert "ended with status" not in p.stdout
-    _, head = _read(results / "head_loss.csv")  # 1 s: the first point runs, the rest are skipped rows
-    assert head[-1]["status"] == "skipped: time budget"
-    with tarfile.open(tmp_path / "results.tar.gz") as tar:
-        names = {n.lstrip("./") for n in tar.getnames()}
-    assert {"head_loss.csv", "step.csv", "lengths.csv", "latest.md"} <= names
-    assert "== acceptance checks" in (tmp_path / "gpu_runner.log").read_text()
+        assert {r["status"] for r in rows} == {"skipped: time budget"}
+    log = (out / "gpu_check.log").read_text()
+    assert all(f"== stage {k}" in log for k in order) and "build exit status 0" in log
 
 
-def test_gpu_tests_script_dry_run(tmp_path):
-    p = _gpu_script("gpu_tests.sh", tmp_path, TESTS="tests/test_nn.py")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "2 passed" in p.stdout and (tmp_path / "junit.xml").exists()
-    failing = _gpu_script("gpu_tests.sh", tmp_path, TESTS="tests/no_such_test.py")
-    assert failing.returncode != 0  # pytest's failure is the script's
+@pytest.mark.slow
+def test_gpu_check_deadline_and_stage_limits(tmp_path):
+    """A stage past its limit is stopped and the next one still runs; one that the deadline
+    leaves too little time is skipped; the exit status says not everything ended ok."""
+    # The full kernel check on the CPU runs far past 3 s; after it (stopped at 3 s, 13 s at the
+    # latest with the kill) less than MIN_STAGE_S of the 20 s deadline is left.
+    p, out, stages = _gpu_check(tmp_path, STAGES="kernels:3 head:60 step:60", DEADLINE_S="20", MIN_STAGE_S="18",
+                                KERNELS_ARGS="", BUILD_EXT="0")
+    assert p.returncode == 1, p.stdout[-4000:]
+    assert "timeout after 3 s" in stages["kernels"], stages
+    assert "skipped: deadline" in stages["head"] and "skipped: deadline" in stages["step"], stages
+    assert "bench/head_loss.csv" not in _files(out)

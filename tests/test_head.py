@@ -2,8 +2,14 @@
 
 Tolerances follow ml-cross-entropy's rule: the naive PyTorch reference run in the test dtype
 makes some error against the float64 truth; a backend may make at most a small multiple of it.
+
+Each test runs once per device and backend: on the CPU every backend available there (Triton
+under the interpreter), on CUDA every backend built for it, on CUDA tensors.  A pair that is
+not available here is skipped with the registry's reason; the CUDA cases are skipped on a
+machine without a device (tests/conftest.py).
 """
 
+import contextlib
 import os
 import shutil
 
@@ -14,16 +20,30 @@ import symmpo_fast as sf
 from symmpo_fast import reference as ref_impl
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CHUNKED = ("torch", "csrc", "triton")
 
 
-def available_backends():
-    table = sf.backends()
-    return [name for name in ("torch", "csrc", "triton") if table[name].cpu]
+def cases(backends=CHUNKED):
+    """(device, backend) pairs: every backend on the CPU and on CUDA (marked gpu)."""
+    return [pytest.param(dev, b, id=f"{dev}-{b}", marks=[pytest.mark.gpu] if dev == "cuda" else [])
+            for dev in ("cpu", "cuda") for b in backends]
 
 
-BACKENDS = available_backends()
-# The interpreter runs Triton kernels in numpy, one program at a time: keep its shapes small.
-FAST = {"torch": (37, 24, 1001), "csrc": (37, 24, 1001), "triton": (19, 16, 257)}
+CASES = cases()
+
+
+def need(device, backend):
+    """Skip unless ``backend`` runs on ``device`` here, with the registry's reason."""
+    if backend == "reference":
+        return
+    a = sf.backends()[backend]
+    if not (a.cuda if device == "cuda" else a.cpu):
+        pytest.skip(f"backend {backend!r} is not available on {device}: {a.why_not or 'unsupported'}")
+
+
+def fast_shape(device, backend):
+    # The interpreter runs Triton kernels in numpy, one program at a time: keep its shapes small.
+    return (19, 16, 257) if backend == "triton" and device == "cpu" else (37, 24, 1001)
 
 
 def err(a, b):
@@ -41,20 +61,20 @@ def check(name, got, truth, in_dtype, factor=2.0, dtype=torch.float32):
     assert e <= budget, f"{name}: error {e:.3g} > budget {budget:.3g} (reference-in-dtype error {err(in_dtype, truth):.3g})"
 
 
-def make_head(N, D, V, dtype, bias=False, seed=0, ignore_frac=0.2):
+def make_head(N, D, V, dtype, bias=False, seed=0, ignore_frac=0.2, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, D, generator=g) * 1.5
     weight = torch.randn(V, D, generator=g) / D**0.5 * 2
     b = torch.randn(V, generator=g) * 0.5 if bias else None
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.rand(N, generator=g) < ignore_frac] = -100
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)  # noqa: E731
-    return cast(hidden), cast(weight), cast(b), labels
+    cast = lambda t: None if t is None else t.to(device, dtype).requires_grad_(True)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels.to(device)
 
 
 def grads_of(out, inputs, seed=0):
     g = torch.Generator().manual_seed(seed + 100)
-    upstream = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.device, out.dtype)
     live = [t for t in inputs if t is not None]
     return torch.autograd.grad(out, live, upstream)
 
@@ -63,14 +83,16 @@ def as64(*ts):
     return [None if t is None else t.detach().double().requires_grad_(True) for t in ts]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("opts", [dict(), dict(bias=True), dict(softcap=5.0), dict(temperature=0.6),
                                   dict(bias=True, softcap=3.0, temperature=1.7)], ids=repr)
-def test_token_logps_matches_float64_truth(backend, dtype, opts):
-    N, D, V = FAST[backend]
+def test_token_logps_matches_float64_truth(device, backend, dtype, opts):
+    need(device, backend)
+    N, D, V = fast_shape(device, backend)
+    opts = dict(opts)
     use_bias = opts.pop("bias", False)
-    hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=use_bias)
+    hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=use_bias, device=device)
     kw = dict(softcap=opts.get("softcap"), temperature=opts.get("temperature", 1.0))
     h64, w64, b64 = as64(hidden, weight, bias)
     truth = sf.token_logps(h64, w64, labels, bias=b64, backend="reference", **kw)
@@ -84,30 +106,35 @@ def test_token_logps_matches_float64_truth(backend, dtype, opts):
         check(f"grad {name}", g, t, r, factor=3.0, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_token_chunked_order_used_on_cuda(backend, dtype):
-    """The CUDA driver order (token chunks, recomputed in the backward) run here on the CPU."""
-    from symmpo_fast.head import HeadParams, _TokenLogps
+def test_token_logps_other_driver_order(device, backend, dtype):
+    """The driver order the other device uses: token chunks (CUDA's) on the CPU, vocabulary
+    tiles (the CPU's) on CUDA."""
+    from symmpo_fast.head import HeadParams, _TokenLogps, _TokenLogpsVocabTiled
 
-    N, D, V = FAST[backend]
-    hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=12)
+    need(device, backend)
+    N, D, V = fast_shape(device, backend)
+    hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=12, device=device)
     kw = dict(softcap=3.0, temperature=0.8)
     h64, w64, b64 = as64(hidden, weight, bias)
     truth = sf.token_logps(h64, w64, labels, bias=b64, backend="reference", **kw)
     in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, backend="reference", **kw)
-    got = _TokenLogps.apply(hidden, weight, bias, labels, HeadParams(-100, 3.0, 0.8, backend, 16))
+    other = _TokenLogpsVocabTiled if device == "cuda" else _TokenLogps
+    # chunk_size: 16 rows per token chunk, or 64 columns per vocabulary tile (V = 1001: 16 tiles).
+    got = other.apply(hidden, weight, bias, labels, HeadParams(-100, 3.0, 0.8, backend, 16 if device == "cpu" else 64))
     check("logps", got, truth, in_dtype, dtype=dtype)
     for name, g, t, r in zip(["hidden", "weight", "bias"], grads_of(got, [hidden, weight, bias]),
                              grads_of(truth, [h64, w64, b64]), grads_of(in_dtype, [hidden, weight, bias])):
         check(f"grad {name}", g, t, r, factor=3.0, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_token_logps_realistic_shape_fp32(backend):
-    if backend == "triton":
+@pytest.mark.parametrize("device,backend", CASES)
+def test_token_logps_realistic_shape_fp32(device, backend):
+    need(device, backend)
+    if backend == "triton" and device == "cpu":
         pytest.skip("the interpreter is too slow for this shape; covered by the small shapes")
-    hidden, weight, _, labels = make_head(300, 128, 8000, torch.float32, seed=1)
+    hidden, weight, _, labels = make_head(300, 128, 8000, torch.float32, seed=1, device=device)
     h64, w64 = as64(hidden, weight)
     truth = sf.token_logps(h64, w64, labels, backend="reference")
     got = sf.token_logps(hidden, weight, labels, backend=backend)  # default chunking
@@ -119,15 +146,17 @@ def test_token_logps_realistic_shape_fp32(backend):
     assert err(gw, tw) / tw.abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("opts", [dict(), dict(softcap=4.0, temperature=0.8)], ids=repr)
-def test_logits_token_logps(backend, dtype, opts):
-    N, _, V = FAST[backend]
+def test_logits_token_logps(device, backend, dtype, opts):
+    need(device, backend)
+    N, _, V = fast_shape(device, backend)
     g = torch.Generator().manual_seed(5)
-    logits = (torch.randn(3, N, V, generator=g) * 4).to(dtype).requires_grad_(True)
+    logits = (torch.randn(3, N, V, generator=g) * 4).to(device, dtype).requires_grad_(True)
     labels = torch.randint(0, V, (3, N), generator=g)
     labels[:, ::5] = -100
+    labels = labels.to(device)
     l64 = logits.detach().double().requires_grad_(True)
     truth = sf.logits_token_logps(l64, labels, backend="reference", **opts)
     in_dtype = sf.logits_token_logps(logits, labels, backend="reference", **opts)
@@ -139,7 +168,7 @@ def test_logits_token_logps(backend, dtype, opts):
     check("grad logits", g_got, grads_of(truth, [l64])[0], grads_of(in_dtype, [logits])[0], factor=3.0, dtype=dtype)
 
 
-def make_records(N, D, V, B, dtype, cfg, seed=0, bias=False):
+def make_records(N, D, V, B, dtype, cfg, seed=0, bias=False, device="cpu"):
     """Hidden states of B records' responses scattered among prompt tokens, and matching ref log-probs."""
     hidden, weight, b, labels = make_head(N, D, V, dtype, bias=bias, seed=seed, ignore_frac=0.1)
     g = torch.Generator().manual_seed(seed + 7)
@@ -159,7 +188,8 @@ def make_records(N, D, V, B, dtype, cfg, seed=0, bias=False):
         seq = torch.where(labels != -100, seq_index, -1)
         policy = ref_impl.sequence_logps(lp, seq, B, cfg.average_logps)
     ref = policy + torch.randn(B, 5, generator=g, dtype=torch.float64) * 3  # losses in their sensitive range
-    return hidden, weight, b, labels, seq_index, ref
+    leaf = lambda t: None if t is None else t.detach().to(device).requires_grad_(True)  # noqa: E731
+    return leaf(hidden), leaf(weight), leaf(b), labels.to(device), seq_index.to(device), ref.to(device)
 
 
 CONFIGS = {
@@ -172,14 +202,16 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg_name", list(CONFIGS))
-def test_fused_preference_loss_equals_the_composition(backend, dtype, cfg_name):
+def test_fused_preference_loss_equals_the_composition(device, backend, dtype, cfg_name):
+    need(device, backend)
     cfg = CONFIGS[cfg_name]
-    N, D, V = FAST[backend]
+    N, D, V = fast_shape(device, backend)
     N, B = max(N, 120), 5
-    hidden, weight, bias, labels, seq_index, ref = make_records(N, D, V, B, dtype, cfg, bias=cfg_name == "all-terms")
+    hidden, weight, bias, labels, seq_index, ref = make_records(N, D, V, B, dtype, cfg, bias=cfg_name == "all-terms",
+                                                                device=device)
     unused = [c for c in range(5) if c not in cfg.used_columns]
     ref[:, unused] = float("nan")  # never read
     h64, w64, b64 = as64(hidden, weight, bias)
@@ -198,23 +230,27 @@ def test_fused_preference_loss_equals_the_composition(backend, dtype, cfg_name):
         check(f"grad {name}", g, t, r, factor=3.0, dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_metrics_match_reference_fp32(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fused_metrics_match_reference_fp32(device, backend):
+    need(device, backend)
     cfg = CONFIGS["symmpo"]
-    N, D, V = FAST[backend]
-    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 4, torch.float32, cfg, seed=3)
+    N, D, V = fast_shape(device, backend)
+    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 4, torch.float32, cfg, seed=3,
+                                                             device=device)
     _, m_ref = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend="reference")
     _, m = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend)
     for k in m_ref:
         torch.testing.assert_close(m[k].double(), m_ref[k].double(), rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_frozen_head_and_no_grad(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fused_frozen_head_and_no_grad(device, backend):
     """A frozen LM head (LoRA) gets no weight gradient; under no_grad nothing is differentiated."""
+    need(device, backend)
     cfg = CONFIGS["symmpo"]
-    N, D, V = FAST[backend]
-    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 4, torch.float32, cfg, seed=4)
+    N, D, V = fast_shape(device, backend)
+    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 4, torch.float32, cfg, seed=4,
+                                                             device=device)
     weight = weight.detach()
     loss, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend)
     (gh,) = torch.autograd.grad(loss, [hidden])
@@ -227,11 +263,13 @@ def test_fused_frozen_head_and_no_grad(backend):
     assert not l2.requires_grad and l2.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_ref_logps_gradient(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fused_ref_logps_gradient(device, backend):
+    need(device, backend)
     cfg = CONFIGS["mdpo"]
-    N, D, V = FAST[backend]
-    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 3, torch.float32, cfg, seed=6)
+    N, D, V = fast_shape(device, backend)
+    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 3, torch.float32, cfg, seed=6,
+                                                             device=device)
     ref = ref.float().requires_grad_(True)
     loss, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend)
     (g,) = torch.autograd.grad(loss, [ref])
@@ -240,18 +278,19 @@ def test_fused_ref_logps_gradient(backend):
     torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_row_ops_label_in_another_tile(backend):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_row_ops_label_in_another_tile(device, backend):
     """Row-op contract: a label >= V gives logp 0 and the softmax part of the gradient only."""
+    need(device, backend)
     ops = sf.registry.row_ops(backend)
     g = torch.Generator().manual_seed(13)
-    logits = torch.randn(6, 37, generator=g) * 3
-    labels = torch.tensor([0, 36, 37, 1000, -1, 5])
+    logits = (torch.randn(6, 37, generator=g) * 3).to(device)
+    labels = torch.tensor([0, 36, 37, 1000, -1, 5], device=device)
     logp, lse = ops.lse_gather(logits, labels, 2.0, 0.9)
     z = 2.0 * torch.tanh(logits * 0.9 / 2.0)
     torch.testing.assert_close(lse, torch.logsumexp(z, 1), rtol=1e-5, atol=1e-5)
     assert (logp[[2, 3, 4]] == 0).all() and (logp[[0, 1, 5]] != 0).all()
-    grad = torch.rand(6, generator=g) + 0.5
+    grad = (torch.rand(6, generator=g) + 0.5).to(device)
     out = ops.softmax_grad(logits, labels, lse, grad, 2.0, 0.9, torch.empty_like(logits))
     p = torch.softmax(z, 1)
     onehot = torch.zeros_like(p)
@@ -294,6 +333,120 @@ def test_gradcheck_reference_head_float64():
     assert torch.autograd.gradcheck(
         lambda h, w, b: sf.token_logps(h, w, labels, bias=b, backend="reference", softcap=2.0, temperature=0.9),
         (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["token_logps", "fused_preference_loss"])
+def test_fp32_logits_of_16bit_inputs(monkeypatch, backend, dtype, op):
+    """The CUDA dataflow on the CPU: 16-bit hidden and weight, fp32 logits (cuBLAS's out_dtype;
+    here an fp32 product of the same values), and the logits' gradient stored by the row kernel
+    straight into the weight's dtype (no separate conversion pass), freed fp32 logits after."""
+    from symmpo_fast import head
+
+    need("cpu", backend)
+    monkeypatch.setattr(head, "_logits", lambda h, w, b: torch.mm(h.float(), w.float().t()) + (
+        0.0 if b is None else b.float()))
+    calls, dlogits = [], head._dlogits
+
+    def spy(ops, logits, *args):
+        d = dlogits(ops, logits, *args)
+        calls.append((logits.dtype, d.dtype, d is logits))
+        return d
+
+    monkeypatch.setattr(head, "_dlogits", spy)
+    N, D, V = fast_shape("cpu", backend)
+    if op == "token_logps":
+        hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=14)
+        h64, w64, b64 = as64(hidden, weight, bias)
+        p = head.HeadParams(-100, 4.0, 1.0, backend, 16)
+        got = head._TokenLogps.apply(hidden, weight, bias, labels, p)  # the CUDA driver
+        truth = sf.token_logps(h64, w64, labels, bias=b64, softcap=4.0, backend="reference")
+        in_dtype = sf.token_logps(hidden, weight, labels, bias=bias, softcap=4.0, backend="reference")
+        live = [hidden, weight, bias]
+        pairs = zip(["logps", "grad hidden", "grad weight", "grad bias"], [got, *grads_of(got, live)],
+                    [truth, *grads_of(truth, [h64, w64, b64])], [in_dtype, *grads_of(in_dtype, live)])
+    else:
+        cfg = CONFIGS["symmpo"]
+        hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 5, dtype, cfg, seed=15)
+        h64, w64 = as64(hidden, weight)
+        got, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend, chunk_size=16)
+        truth, _ = sf.fused_preference_loss(h64, w64, labels, seq_index, ref, cfg, backend="reference")
+        in_dtype, _ = sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend="reference")
+        pairs = zip(["loss", "grad hidden", "grad weight"], [got, *torch.autograd.grad(got, [hidden, weight])],
+                    [truth, *torch.autograd.grad(truth, [h64, w64])],
+                    [in_dtype, *torch.autograd.grad(in_dtype, [hidden, weight])])
+    for name, g, t, r in pairs:
+        check(name, g, t, r, factor=3.0, dtype=dtype)
+    assert calls and all(c == (torch.float32, dtype, False) for c in calls), calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast: the head decides its own precision (products in its inputs' dtype, fp32 logps).
+
+OPS = ("token_logps", "logits_token_logps", "fused_preference_loss")
+
+
+def head_op(op, device, backend, dtype, seed=31):
+    """``(fn, inputs)``: ``fn()`` runs one head op on fixed inputs and returns its fp32 value."""
+    N, D, V = fast_shape(device, backend)
+    if op == "logits_token_logps":
+        g = torch.Generator().manual_seed(seed)
+        logits = (torch.randn(N, V, generator=g) * 4).to(device, dtype).requires_grad_(True)
+        labels = torch.randint(0, V, (N,), generator=g)
+        labels[::5] = -100
+        labels = labels.to(device)
+        return (lambda: sf.logits_token_logps(logits, labels, softcap=20.0, backend=backend, chunk_size=16)), [logits]
+    if op == "token_logps":
+        hidden, weight, bias, labels = make_head(N, D, V, dtype, bias=True, seed=seed, device=device)
+        return (lambda: sf.token_logps(hidden, weight, labels, bias=bias, softcap=20.0, backend=backend,
+                                       chunk_size=16)), [hidden, weight, bias]
+    cfg = CONFIGS["symmpo"]
+    hidden, weight, _, labels, seq_index, ref = make_records(max(N, 120), D, V, 4, dtype, cfg, seed=seed,
+                                                             device=device)
+    return (lambda: sf.fused_preference_loss(hidden, weight, labels, seq_index, ref, cfg, backend=backend,
+                                             chunk_size=16)[0]), [hidden, weight]
+
+
+def value_and_grads(fn, inputs, device, autocast_dtype=None, backward_inside=False):
+    """``[value, *grads]`` of ``fn`` with autocast on ``device`` in ``autocast_dtype`` (None: off)
+    for the forward, and for the backward too where ``backward_inside`` (the trainer's style)."""
+    on = torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with on:
+        out = fn()
+        grads = grads_of(out, inputs) if backward_inside else None
+    if grads is None:
+        grads = grads_of(out, inputs)
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("device,backend", cases(CHUNKED + ("reference",)))
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype,autocast_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                  (torch.bfloat16, torch.bfloat16)], ids=str)
+def test_autocast_leaves_the_head_precision_alone(device, backend, op, dtype, autocast_dtype):
+    """Under autocast every op returns what it returns without: fp32 tensors stay fp32 products
+    (a bf16 autocast used to round the logits to bf16 and crash the fused loss), 16-bit tensors
+    stay 16-bit products with fp32 log-probs; gradients come back in the inputs' dtype.
+
+    The chunked backends' Functions switch autocast off in both passes, so their backward runs
+    inside the autocast region (as the trainer calls it); the reference is plain autograd, whose
+    backward follows the autocast state it is called under, so its backward runs outside."""
+    need(device, backend)
+    fn, inputs = head_op(op, device, backend, dtype)
+    plain = value_and_grads(fn, inputs, device)
+    under = value_and_grads(fn, inputs, device, autocast_dtype, backward_inside=backend != "reference")
+    assert under[0].dtype == torch.float32
+    for i, (a, b) in enumerate(zip(under, plain)):
+        assert a.dtype == b.dtype, f"output {i}: {a.dtype} under autocast, {b.dtype} without"
+        # Bit-identical on the CPU; on CUDA the float atomics of segment_sum may move a last bit.
+        tol = 0.0 if device == "cpu" else torch.finfo(a.dtype).eps * (1 + a.abs().max().item())
+        assert err(a, b) <= tol, f"output {i} differs under autocast by {err(a, b):.3g}"
+    if dtype == torch.float32 and autocast_dtype == torch.bfloat16:
+        # The check can fail: what autocast would have computed (bf16 products) is far off.
+        fn16, inputs16 = head_op(op, device, backend, autocast_dtype)
+        wrong = value_and_grads(fn16, inputs16, device)
+        assert err(wrong[0], plain[0]) > 1e-4 * (1 + plain[0].abs().max().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,9 +517,10 @@ def test_extension_is_built_where_a_compiler_is_present():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "csrc", "torch"])
+@pytest.mark.parametrize("backend", CHUNKED)
 def test_large_vocab_and_tokens_cuda(backend):
-    """V = 262144 and N = 65536 in one call: offsets past int32 must not wrap."""
+    """V = 262144 and N = 65536 in one call (64 chunks of 1 GiB): the driver's indexing past int32."""
+    need("cuda", backend)
     N, D, V = 65536, 64, 262144
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(N, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -376,3 +530,39 @@ def test_large_vocab_and_tokens_cuda(backend):
     sl = slice(N - 256, N)  # the last rows are the ones an int32 offset would corrupt
     truth = ref_impl.token_logps_reference(hidden[sl].float(), weight.float(), labels[sl])
     assert err(got[sl], truth) < 0.05
+
+
+def one_launch_check(device, backend, N, V):
+    """``logits_token_logps`` over ``[N, V]`` bf16 logits in one chunk, i.e. one launch of each row
+    kernel, forward and backward, checked on the last rows (those a wrapped offset would hit)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(N, V, device=device, generator=g, dtype=torch.bfloat16) * 3).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    upstream = torch.randn(N, device=device, generator=g)
+    got = sf.logits_token_logps(logits, labels, backend=backend, chunk_size=N)
+    (grad,) = torch.autograd.grad(got, [logits], upstream)
+    sl = slice(N - 64, N)
+    last = logits.detach()[sl].double().requires_grad_(True)
+    truth = ref_impl.logits_token_logps_reference(last, labels[sl])
+    (t_grad,) = torch.autograd.grad(truth, [last], upstream[sl].double())
+    assert err(got[sl], truth) < 1e-4
+    assert err(grad[sl], t_grad) <= torch.finfo(torch.bfloat16).eps * t_grad.abs().max().item()
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_one_launch_check_on_cpu(backend):
+    """The logic of the CUDA check below, at a size the CPU runs in a moment."""
+    need("cpu", backend)
+    one_launch_check("cpu", backend, 80, 1001 if backend != "triton" else 257)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_one_launch_over_2_31_elements_cuda(backend):
+    """One launch of each row kernel over [8320, 262144] bf16 logits, 2.18e9 > 2^31 elements:
+    the row offsets are int64 in every kernel (an int32 one wraps past row 8191)."""
+    need("cuda", backend)
+    N, V = 8320, 262144
+    assert N * V > 2**31
+    one_launch_check("cuda", backend, N, V)

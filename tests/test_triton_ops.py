@@ -143,6 +143,54 @@ def test_softmax_grad(dtype, shape, softcap, temperature, out_mode):
     check("dlogits", got, ref, truth, wrong=wrong if (labels >= 0).any() else None)
 
 
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_lse_gather_masked_vocabulary_and_nan(softcap):
+    """-inf logits add nothing, also where a lane of the per-lane running max sees nothing else
+    for whole tiles; a NaN logit makes its row's lse NaN instead of vanishing.  (With a softcap
+    -inf maps to -softcap, a finite logit: the truth does the same.)"""
+    n, V = 4, 1300  # 3 tiles of the interpreter's BLOCK_V = 512, the last one partial
+    logits, labels = make_rows(n, V, torch.float32, seed=7)
+    logits[0, :1024] = float("-inf")  # the first two tiles
+    logits[1, ::3] = float("-inf")
+    logits[2, 700] = float("nan")
+    labels[0], labels[1], labels[3] = 1200, 1, 5
+    logp, lse = kern.lse_gather(logits, labels, softcap, 1.0)
+    _, t_logp, t_lse = truth_rows(logits, labels, softcap, 1.0)
+    r_logp, r_lse = spec.lse_gather(logits, labels, softcap, 1.0)
+    keep = torch.tensor([0, 1, 3], device=DEVICE)
+    check("lse", lse[keep], r_lse[keep], t_lse[keep])
+    check("logp", logp[keep], r_logp[keep], t_logp[keep])
+    assert torch.isnan(lse[2]) and torch.isnan(r_lse[2])
+
+
+def test_softmax_grad_tunes_on_a_scratch_slice(monkeypatch):
+    """With several configs (CUDA), the first call of a key tunes on at most _TUNE_BYTES of rows
+    written to a scratch buffer, never on the output (which may alias the logits); later calls
+    of the key launch once.  The key holds V, the softcap switch and the dtypes."""
+    launches = []
+    monkeypatch.setattr(kern, "HEAD_CONFIGS", [None] * 3)
+    monkeypatch.setattr(kern, "_tuned", set())
+    monkeypatch.setattr(kern, "_TUNE_BYTES", 4 * 1001 * 4)  # 4 fp32 rows of V = 1001
+    monkeypatch.setattr(kern, "_launch_softmax_grad",
+                        lambda x, lab, lse, g, dst, cap, t: launches.append((x.shape[0], dst.data_ptr(), dst.dtype)))
+    logits, labels = make_rows(37, 1001, torch.float32)
+    lse, grad = torch.zeros(37, device=DEVICE), torch.ones(37, device=DEVICE)
+
+    def call(softcap=None, out=None):
+        launches.clear()
+        out = logits if out is None else out
+        kern.softmax_grad(logits, labels, lse, grad, softcap, 1.0, out)
+        return list(launches)
+
+    first = call()
+    assert len(first) == 2 and first[0][0] == 4 and first[0][1] != logits.data_ptr()
+    assert first[1] == (37, logits.data_ptr(), torch.float32)
+    assert call() == [(37, logits.data_ptr(), torch.float32)]  # tuned: one launch, in place
+    assert len(call(softcap=5.0)) == 2  # another key: HAS_SOFTCAP
+    out16 = torch.empty(37, 1001, dtype=torch.bfloat16, device=DEVICE)
+    assert len(call(out=out16)) == 2 and len(call(out=out16)) == 1  # another key: the output's dtype
+
+
 def test_head_ops_strided_rows_and_columns():
     """A padded-vocabulary row slice (row stride > V) and a transposed view (column stride != 1)."""
     n, V = 9, 700

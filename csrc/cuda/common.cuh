@@ -60,6 +60,16 @@ __device__ __forceinline__ void store8(T* p, const float (&v)[kVec]) {
   }
 }
 
+// tanh through exp(-2|y|), as the Triton kernel computes it (kernels/head.py): never overflows,
+// and its error is absolute, ~1 ulp of 1, i.e. ~1 ulp of softcap once scaled.  Not tanhf:
+// setup.py compiles with --use_fast_math, which turns tanhf into the hardware tanh.approx
+// (MUFU.TANH), ~1e-5 relative error, above what the softcap tests allow.
+// tests/test_cuda_compile.py checks the PTX and SASS for it.
+__device__ __forceinline__ float tanh_via_exp(float y) {
+  const float t = __expf(-2.0f * fabsf(y));
+  return copysignf((1.0f - t) / (1.0f + t), y);
+}
+
 // z = softcap * tanh(x * inv_temp / softcap), or x * inv_temp; softcap 0 means none.
 struct Transform {
   float inv_temp;
@@ -68,7 +78,7 @@ struct Transform {
 
   __device__ __forceinline__ float operator()(float x) const {
     const float y = x * inv_temp;
-    return softcap > 0.0f ? softcap * tanhf(y * inv_softcap) : y;
+    return softcap > 0.0f ? softcap * tanh_via_exp(y * inv_softcap) : y;
   }
   // dz/dx as a function of z: tanh' = 1 - tanh^2 with tanh(.) = z / softcap.
   __device__ __forceinline__ float slope(float z) const {
