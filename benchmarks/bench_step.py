@@ -87,6 +87,14 @@ QWEN25_VL_SMALL = dict(image_size=128, patch_size=8, merge_size=2, vision_hidden
                        initializer_range=0.02)
 QWEN25_VL_TINY = dict(image_size=32, patch_size=4, merge_size=2, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2)
+# Text DPO (a LlamaForCausalLM): the CPU case is SMALL's language model; the GPU one Llama-3-8B.
+TEXT_SMALL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, rope_theta=500000.0)
+LLAMA3_VOCAB = 128256
+TEXT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
 
 
 @dataclass(frozen=True)
@@ -109,16 +117,28 @@ class StepCase:
     all_variants: bool = True
     """Also the other backends and the unfused head (else: the official layout and ours, auto)."""
     family: str = "llava"
-    """``llava`` (``spec``: TinyLlavaSpec overrides) or ``qwen2_5_vl`` (TinyQwenVLSpec overrides + ``image_size``)."""
+    """``llava`` (``spec``: TinyLlavaSpec overrides), ``qwen2_5_vl`` (TinyQwenVLSpec overrides +
+    ``image_size``) or ``causal_lm`` (LlamaConfig fields: a text model trained with DPO, whose
+    ``question`` is the prompt's length and whose records have two responses)."""
+
+    @property
+    def text(self) -> bool:
+        return self.family == "causal_lm"
 
     @property
     def image_tokens(self) -> int:
+        if self.text:
+            return 0
         s = dict(self.spec)
         return (s["image_size"] // s["patch_size"] // s.get("merge_size", 1)) ** 2
 
+    @property
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig.dpo() if self.text else ObjectiveConfig.symmpo()
+
     def label(self) -> str:
-        return (f"{self.name} {self.train} img{self.image_tokens} q{self.question} r{self.response} "
-                f"x{self.records}")
+        image = "" if self.text else f" img{self.image_tokens}"
+        return f"{self.name} {self.train}{image} q{self.question} r{self.response} x{self.records}"
 
 
 def _case(name, spec, vocab, records, question, response, **kw) -> StepCase:
@@ -128,10 +148,12 @@ def _case(name, spec, vocab, records, question, response, **kw) -> StepCase:
 def step_grid(preset: str) -> list[StepCase]:
     if preset == "smoke":
         return [_case("tiny", TINY, 1000, 2, 8, 6, ref_online=False),
-                _case("qwen2.5-vl-tiny", QWEN25_VL_TINY, 1024, 2, 8, 6, ref_online=False, family="qwen2_5_vl")]
+                _case("qwen2.5-vl-tiny", QWEN25_VL_TINY, 1024, 2, 8, 6, ref_online=False, family="qwen2_5_vl"),
+                _case("text-dpo-tiny", TEXT_TINY, 1024, 2, 16, 6, ref_online=False, family="causal_lm")]
     if preset == "cpu":
         return [_case("small", SMALL, 32000, 4, 32, 48, accept=True),
-                _case("qwen2.5-vl-small", QWEN25_VL_SMALL, 32000, 4, 32, 48, ref_online=False, family="qwen2_5_vl")]
+                _case("qwen2.5-vl-small", QWEN25_VL_SMALL, 32000, 4, 32, 48, ref_online=False, family="qwen2_5_vl"),
+                _case("text-dpo-small", TEXT_SMALL, 32000, 4, 256, 64, ref_online=False, family="causal_lm")]
     if preset == "gpu":
         # Gradient checkpointing on: without it the official layout's activations for 4 records
         # (20 rows of ~700 tokens) do not fit beside a 7B model.  Full fine-tuning uses SGD (no
@@ -146,6 +168,7 @@ def step_grid(preset: str) -> list[StepCase]:
             # Last, so the LLaVA grid keeps its budget; `--cases qwen2.5-vl` runs it alone.
             _case("qwen2.5-vl-7b", QWEN25_VL_7B, QWEN25_VL_VOCAB, 4, 32, 96, train="lora", family="qwen2_5_vl",
                   **short),
+            _case("llama-3-8b-dpo", LLAMA3_8B, LLAMA3_VOCAB, 8, 512, 128, train="lora", family="causal_lm", **short),
         ]
     raise ValueError(f"unknown preset {preset!r}")
 
@@ -193,30 +216,44 @@ def _qwen2_5_vl(case: StepCase, attn: str):
     return Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(spec, tok), tok
 
 
+def _causal_lm(case: StepCase, attn: str):
+    """(model class, config, tokenizer) of a text case: a Llama with the tiny Llama-3 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from symmpo_fast.models.tiny_text import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("tiny-llama")
+    config = LlamaConfig(**dict(case.spec), vocab_size=case.vocab, max_position_embeddings=8192,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM, config, tok
+
+
 def build_model(case: StepCase, device: torch.device, attn: str):
     """A random-init model of ``case``'s family and shape with a ``case.vocab``-entry head, on ``device``."""
     from symmpo_fast.models.base import attn_implementations, prepare
 
-    cls, config, tok = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl}[case.family](case, attn)
+    cls, config, tok = {"llava": _llava, "qwen2_5_vl": _qwen2_5_vl, "causal_lm": _causal_lm}[case.family](case, attn)
     # The shipped tokenizers have about 1000 entries; the head is sized to the case's vocabulary
     # (the synthetic batches draw ids from all of it).
-    config.text_config.vocab_size = case.vocab
+    getattr(config, "text_config", config).vocab_size = case.vocab
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(0)
-        model = cls._from_config(config, attn_implementation=attn_implementations(attn),
+        model = cls._from_config(config, attn_implementation=attn if case.text else attn_implementations(attn),
                                  dtype=getattr(torch, case.dtype))
     model = prepare(model)
-    sf.models.adapter_for(model).vision_tower.requires_grad_(False)
-    if case.train == "full" and case.family != "llava":  # the merger lives inside Qwen's vision tower
-        for module in sf.models.adapter_for(model).projector():
+    adapter = sf.models.adapter_for(model)
+    if adapter.vision_tower is not None:
+        adapter.vision_tower.requires_grad_(False)
+    if case.train == "full" and case.family == "qwen2_5_vl":  # the merger lives inside Qwen's vision tower
+        for module in adapter.projector():
             module.requires_grad_(True)
     if case.train == "lora":
         from peft import LoraConfig, get_peft_model
 
         model.requires_grad_(False)
-        model = get_peft_model(model, LoraConfig(
-            r=128, lora_alpha=256, lora_dropout=0.0,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        model = get_peft_model(model, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.0, target_modules=(
+            adapter.lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))))
     if case.grad_ckpt:
         # transformers >= 5.2x renamed it; the GPU machine's 5.17 may have only the old name.
         base = sf.models.unwrap(model)
@@ -228,8 +265,28 @@ def build_model(case: StepCase, device: torch.device, attn: str):
     return model, tok
 
 
+def _text_batch(case: StepCase, tok, g: torch.Generator, question: int, response: int):
+    """A DPO batch of a text case: a prompt of ``question`` tokens (BOS first), y_w and y_l of
+    ``response`` tokens (EOS last)."""
+    from symmpo_fast.data import COLUMNS, PreferenceBatch
+
+    lo = max(set(tok.all_special_ids) | set(tok.added_tokens_decoder)) + 1
+    prompts, responses = [], []
+    for _ in range(case.records):
+        prompt = torch.cat([torch.tensor([tok.bos_token_id]), torch.randint(lo, case.vocab, (question - 1,), generator=g)])
+        pair = [torch.cat([torch.randint(lo, case.vocab, (response - 1,), generator=g), torch.tensor([tok.eos_token_id])])
+                for _ in range(2)]
+        prompts.append([prompt, prompt, None, None, None])
+        responses.append(pair + [None, None, None])
+    return PreferenceBatch(objective="dpo", columns=COLUMNS["dpo"], prompt_ids=prompts, response_ids=responses,
+                           image_index=[[-1] * NUM_ROLES for _ in range(case.records)], pixel_values=torch.zeros(0),
+                           image_token_id=None, pad_token_id=tok.pad_token_id,
+                           record_keys=[f"synthetic-text-{b}" for b in range(case.records)])
+
+
 def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = None, response: int | None = None):
-    """A SymMPO :class:`~symmpo_fast.data.PreferenceBatch` with exact token counts.
+    """A SymMPO :class:`~symmpo_fast.data.PreferenceBatch` with exact token counts (text cases:
+    DPO, :func:`_text_batch`).
 
     Prompt: BOS, 2 template tokens, the image placeholders, ``question`` tokens, 2 template
     tokens; responses (y_w, y_l, y_w') of ``response`` tokens, the last one EOS.
@@ -239,6 +296,8 @@ def synthetic_batch(case: StepCase, tok, seed: int = 0, question: int | None = N
     question = case.question if question is None else question
     response = case.response if response is None else response
     g = torch.Generator().manual_seed(seed)
+    if case.text:
+        return _text_batch(case, tok, g, question, response)
     qwen = case.family == "qwen2_5_vl"
     img_id = tok.convert_tokens_to_ids("<|image_pad|>" if qwen else "<image>")
     specials = set(tok.all_special_ids) | set(tok.added_tokens_decoder)
@@ -291,7 +350,9 @@ def useful_flops(model, case: StepCase, batch) -> float:
     adapter = sf.models.adapter_for(base)
     lm = adapter.language_model
     p_layers = sum(p.numel() for n, p in lm.named_parameters() if ".layers." in f".{n}" and "lora_" not in n)
-    if case.family == "llava":
+    if case.text:
+        p_vision = p_proj = vis_tokens = 0
+    elif case.family == "llava":
         p_vision = sum(p.numel() for p in base.model.vision_tower.parameters())
         p_proj = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
         vis_tokens = case.image_tokens + 1  # CLIP's CLS token
@@ -300,7 +361,8 @@ def useful_flops(model, case: StepCase, batch) -> float:
         p_vision = sum(p.numel() for p in adapter.vision_tower.parameters()) - p_proj
         vis_tokens = case.image_tokens * dict(case.spec)["merge_size"] ** 2
     T, R, _ = needed_tokens(batch)
-    D, V = base.config.text_config.hidden_size, base.config.text_config.vocab_size
+    text_config = getattr(base.config, "text_config", base.config)
+    D, V = text_config.hidden_size, text_config.vocab_size
     full = case.train == "full"
     passes = 3 if full else 2  # forward, backward to activations, backward to weights (full only)
     images = batch.num_images
@@ -328,12 +390,13 @@ def _set_attn(model, impl: str) -> str:
     from symmpo_fast.models.base import attn_implementations
 
     base = sf.models.unwrap(model)
-    if base.config.text_config._attn_implementation != impl:
+    text_config = getattr(base.config, "text_config", base.config)
+    if text_config._attn_implementation != impl:
         try:
-            base.set_attn_implementation(attn_implementations(impl))
+            base.set_attn_implementation(impl if text_config is base.config else attn_implementations(impl))
         except Exception as e:  # noqa: BLE001 - older transformers: keep the built one, say so in the row
             print(f"  (could not switch attention to {impl}: {e.__class__.__name__}: {e})")
-    return base.config.text_config._attn_implementation
+    return text_config._attn_implementation
 
 
 def _official_attn(device: torch.device) -> str:
@@ -421,8 +484,8 @@ def _optimizer(model, case: StepCase):
 def run_model_case(run: Run, case: StepCase, scenario: str, points: list[tuple[int, int]] | None = None) -> None:
     """Time every variant of ``case`` (scenario b/d) or, for (c), official vs ours at each length point."""
     device = run.device
-    # transformers enables FlexAttention for LLaVA's Llama, not for Qwen-VL: SDPA takes its tree mask.
-    attn = "flex_attention" if device.type == "cuda" and case.family == "llava" else "sdpa"
+    # transformers enables FlexAttention for LLaVA's and text Llamas, not for Qwen-VL: SDPA takes its tree mask.
+    attn = "flex_attention" if device.type == "cuda" and case.family in ("llava", "causal_lm") else "sdpa"
     base = dict(scenario=scenario, dtype={"float32": "fp32", "bfloat16": "bf16"}[case.dtype], records=case.records)
     try:
         model, tok = build_model(case, device, attn)
@@ -433,9 +496,10 @@ def run_model_case(run: Run, case: StepCase, scenario: str, points: list[tuple[i
         run.add(**base, case=case.label(), method="*", status="n/a: OOM building the model")
         return
     opt = _optimizer(model, case)
-    cfg = ObjectiveConfig.symmpo()
+    cfg = case.objective
     lora = case.train == "lora"
-    D = sf.models.unwrap(model).config.text_config.hidden_size
+    base_config = sf.models.unwrap(model).config
+    D = getattr(base_config, "text_config", base_config).hidden_size
     peak, peak_note = peak_flops(run) if device.type == "cuda" else (0.0, "")
     pts = points or [(case.question, case.response)]
     try:

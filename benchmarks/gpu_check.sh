@@ -22,9 +22,12 @@
 #            (N=16384 D=4096 V=128256 bf16) with every method the bench registers
 #                                                                         -> bench/head_loss.csv, bench/checks.csv
 #   model    tests/test_gpu_model.py: flex vs SDPA (with compile times), the fused loss in a
-#            bf16 model, Liger                                            -> model.xml
-#   step     symmpo-fast bench step, the GPU preset's first case (LLaVA-1.5-7B shape, LoRA):
-#            the official layout vs ours                                  -> bench/step.csv
+#            bf16 model, Liger                                            -> tests.xml (merged)
+#   step     symmpo-fast bench step, the LLaVA-1.5-7B-shaped LoRA step: the official layout vs ours
+#                                                                         -> bench/step.csv
+#   qwen     the same for the Qwen2.5-VL-7B-shaped LoRA step              -> bench/step.csv
+#   trl      symmpo-fast bench trl: stock TRL DPOTrainer step vs FusedDPOTrainer (Qwen2.5-0.5B
+#            shape, full and LoRA)                                        -> bench/trl_step.csv
 #
 # and gpu_check.log (everything, as it is printed), summary.txt (one line per stage): 8 files.
 # A new stage is a function stage_<name> and an entry name:limit in STAGES; keep the file count
@@ -51,8 +54,10 @@ export CSRC_TESTS=${CSRC_TESTS:-"tests/test_csrc.py tests/test_head.py"}
 export XDIST=${XDIST:-"-n 8"}
 export KERNELS_ARGS=${KERNELS_ARGS:-""}
 export HEAD_ARGS=${HEAD_ARGS:-"--rep-ms 100"}
-export STEP_ARGS=${STEP_ARGS:-"--methods official,auto --reps 2"}
-STAGES=${STAGES:-"setup:30 tests:100 csrc:30 kernels:80 head:110 model:60 step:110"}
+export STEP_ARGS=${STEP_ARGS:-"--methods official,auto --reps 2 --cases llava-1.5-7b+lora"}
+export QWEN_ARGS=${QWEN_ARGS:-"--methods official,auto --reps 2 --cases qwen2.5-vl-7b"}
+export TRL_ARGS=${TRL_ARGS:-"--reps 2"}
+STAGES=${STAGES:-"setup:30 tests:90 csrc:30 kernels:60 head:90 model:50 step:80 qwen:60 trl:50"}
 DEADLINE_S=${DEADLINE_S:-540}
 MIN_STAGE_S=${MIN_STAGE_S:-15}
 T0=$(date +%s)
@@ -166,24 +171,28 @@ stage_kernels() {
 
 bench_budget() { echo $(( $1 > 60 ? $1 - 25 : $1 * 2 / 3 )); }  # the soft budget inside a stage's limit
 
-stage_head() {
-    # shellcheck disable=SC2086
-    "$PY" -m symmpo_fast.bench --scenario head --preset "$PRESET" --device "$DEVICE" --results "$OUT/bench" \
-        --budget-s "$(bench_budget "$STAGE_LIMIT")" --no-plot $HEAD_ARGS
+bench_stage() {  # scenario extra-args...
+    local scenario=$1; shift
+    "$PY" -m symmpo_fast.bench --scenario "$scenario" --preset "$PRESET" --device "$DEVICE" --results "$OUT/bench" \
+        --budget-s "$(bench_budget "$STAGE_LIMIT")" --no-plot "$@"
 }
+
+# shellcheck disable=SC2086  # argument lists
+stage_head() { bench_stage head $HEAD_ARGS; }
 
 stage_model() {
-    run_pytest model model tests/test_gpu_model.py -m gpu -rP --durations=0
+    run_pytest tests model tests/test_gpu_model.py -m gpu -rP --durations=0
 }
 
-stage_step() {
-    # shellcheck disable=SC2086
-    "$PY" -m symmpo_fast.bench --scenario step --preset "$PRESET" --device "$DEVICE" --results "$OUT/bench" \
-        --budget-s "$(bench_budget "$STAGE_LIMIT")" --no-plot $STEP_ARGS
-}
+# shellcheck disable=SC2086
+stage_step() { bench_stage step $STEP_ARGS; }
+# shellcheck disable=SC2086
+stage_qwen() { bench_stage step $QWEN_ARGS; }
+# shellcheck disable=SC2086
+stage_trl() { bench_stage trl $TRL_ARGS; }
 
-export -f elapsed run_pytest bench_budget stage_setup stage_tests stage_csrc stage_kernels stage_head stage_model \
-    stage_step
+export -f elapsed run_pytest bench_budget bench_stage stage_setup stage_tests stage_csrc stage_kernels stage_head \
+    stage_model stage_step stage_qwen stage_trl
 export T0
 failed=0
 for entry in $STAGES; do

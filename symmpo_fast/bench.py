@@ -266,7 +266,8 @@ class Run:
         return not self.methods or any(m in method for m in self.methods)
 
     def wants_case(self, label: str) -> bool:
-        return not self.cases or any(c in label for c in self.cases)
+        # "a+b" wants a label holding both (labels have spaces: "llava-1.5-7b+lora")
+        return not self.cases or any(all(w in label for w in c.split("+")) for c in self.cases)
 
     def timing(self, fn: Callable[[], object], warmup: int | None = None) -> Timing:
         return time_fn(fn, self.device, self.reps, self.warmup if warmup is None else warmup, self.rep_ms)
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop starting new points after this many seconds; what is left gets 'skipped' rows")
     p.add_argument("--methods", default="", help="comma-separated substrings: only methods whose name contains one")
     p.add_argument("--cases", default="", help="comma-separated substrings: only the whole-step cases whose label "
-                                               "contains one (e.g. qwen2.5-vl: the Qwen2.5-VL-shaped step)")
+                                               "contains one, words joined by + all in it (e.g. qwen2.5-vl: the Qwen2.5-VL-shaped step; llava-1.5-7b+lora)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG charts")
     p.add_argument("--plot-only", action="store_true", help="only draw the charts from the CSVs already there")
     p.add_argument("--no-csv", action="store_true", help="print only, append nothing")

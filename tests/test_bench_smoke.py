@@ -148,7 +148,8 @@ def _gpu_check(tmp_path, **env):
                     WORK=str(tmp_path / "work"),
                     KERNEL_TESTS="tests/test_head.py tests/test_triton_ops.py::test_head_ops_empty",
                     KERNELS_ARGS="--smoke --backends torch", HEAD_ARGS="--budget-s 0.001",
-                    STEP_ARGS="--budget-s 0.001")
+                    STEP_ARGS="--budget-s 0.001 --cases tiny+img16", QWEN_ARGS="--budget-s 0.001 --cases qwen2.5-vl",
+                    TRL_ARGS="--budget-s 0.001")
     (tmp_path / "work").mkdir()
     full = {**os.environ, **defaults, **env}
     full.pop("TRITON_INTERPRET", None)  # as on the device: the script's children decide
@@ -195,15 +196,15 @@ def test_gpu_check_dry_run(tmp_path):
 
     p, out, stages = _gpu_check(tmp_path)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
-    order = ["setup", "tests", "csrc", "kernels", "head", "model", "step"]
+    order = ["setup", "tests", "csrc", "kernels", "head", "model", "step", "qwen", "trl"]
     assert [k for k in stages if k in order] == order and all(" ok " in stages[k] for k in order), stages
     assert {"device", "packages", "backends"} <= set(stages)
     files = _files(out)
-    assert files == ["bench/head_loss.csv", "bench/step.csv", "gpu_check.log", "kernels.csv", "model.xml",
+    assert files == ["bench/head_loss.csv", "bench/step.csv", "bench/trl_step.csv", "gpu_check.log", "kernels.csv",
                      "summary.txt", "tests.xml"], files
     assert len(files) <= 8 and all(f.count("/") <= 2 and re.fullmatch(r"[\w./-]+", f) for f in files)
     suites = {s.get("name"): s for s in ET.parse(out / "tests.xml").getroot()}
-    assert set(suites) == {"tests_kernels", "tests_csrc"}  # both runs, merged
+    assert set(suites) == {"tests_kernels", "tests_csrc", "tests_model"}  # every run, merged
     cases = [c.get("name") for c in suites["tests_kernels"].iter("testcase")]
     # test_head's CUDA cases (skipped on the CPU) and the Triton one selected; no CPU or csrc case.
     assert "test_head_ops_empty" in cases and len(cases) > 100
@@ -213,10 +214,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert csrc and all("csrc" in c and "cuda" in c for c in csrc), csrc
     _, kernels = _read(out / "kernels.csv")
     assert kernels and {r["status"] for r in kernels} == {"ok"} and {r["backend"] for r in kernels} == {"torch"}
-    for name, scenario in (("head_loss.csv", "head"), ("step.csv", "step")):
+    for name, scenario in (("head_loss.csv", "head"), ("step.csv", "step"), ("trl_step.csv", "trl")):
         _, rows = _read(out / "bench" / name)
         assert rows and {r["scenario"] for r in rows} == {scenario}
         assert {r["status"] for r in rows} == {"skipped: time budget"}
+    _, steps = _read(out / "bench" / "step.csv")  # the step and qwen stages' cases, each selected
+    assert {r["case"].split()[0] for r in steps} == {"tiny", "qwen2.5-vl-tiny"}
     log = (out / "gpu_check.log").read_text()
     assert all(f"== stage {k}" in log for k in order) and "build exit status 0" in log
 
