@@ -337,7 +337,7 @@ def test_a_reference_cache_is_verified_before_training_on_it(tmp_path):
     """One NaN row made the old trainer skip every step it fell in and exit 0, naming no record."""
     from safetensors.torch import load_file
 
-    from symmpo_fast.train.refcache import _self_hash, precompute, write_cache
+    from symmpo_fast.train.refcache import ReferenceCache, _self_hash, precompute, write_cache
 
     kw = dict(max_steps=2, reference="cache", **FAST)
     out = tmp_path / "run"
@@ -372,6 +372,20 @@ def test_a_reference_cache_is_verified_before_training_on_it(tmp_path):
     with pytest.raises(RuntimeError, match="index.json does not match its own hash"):
         train(config(out, overwrite=True, **kw))
     assert _self_hash(index) == index["sha256"]
+    # Opened directly: an old cache's values, and the shape, are checked too.
+    write_cache(cache, index["keys"], bad, index["fingerprint"])
+    (cache / "index.json").write_text(json.dumps(old))
+    with pytest.warns(RuntimeWarning, match="before caches carried hashes"), \
+            pytest.raises(RuntimeError, match=r"holds 2 record\(s\) .*row 3 \(key [0-9a-f]{16}\.\.\.\): chosen is nan"):
+        ReferenceCache(cache, index["fingerprint"])
+    short = {"fingerprint": index["fingerprint"], "keys": index["keys"][:-1]}
+    (cache / "index.json").write_text(json.dumps(short))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"holds torch.float32 \(16, 5\), not float32 "
+                                                                         r"\[15, 5\]"):
+        ReferenceCache(cache, index["fingerprint"])
+    (cache / "index.json").write_text(json.dumps({**short, "keys": short["keys"] + short["keys"][:1]}))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="repeats record keys"):
+        ReferenceCache(cache, index["fingerprint"])
 
 
 def test_a_step_whose_records_are_all_dropped_names_them(tmp_path):
