@@ -45,9 +45,10 @@ MAX_PIXELS = 25_000_000  # 5000 x 5000: 100 MB decoded as RGBA; a 48-Mpx JPEG ph
 MAX_ASPECT_RATIO = 200.0  # Qwen-VL's processors' own bound; see the module docstring for LLaVA's cost
 _JPEG_SCALES = (2, 4, 8)
 _MAX_LINKS = 40  # as Linux's MAXSYMLINKS: a loop of links fails instead of spinning
-# PIL's bomb limit is a module global: it is lifted while this module decodes (its own bound is
-# checked first) and restored after; the lock keeps two of our threads from restoring it wrong.
-# Another thread's Image.open that runs inside that window sees no PIL limit.
+# PIL's bomb limit is a module global. Only an image PIL refuses (above 178.9 Mpx by default) is
+# opened again with it lifted, our own header bound being checked instead, then it is restored;
+# the lock keeps two of our threads from restoring it wrong.  Another thread's Image.open inside
+# that rare window sees no PIL limit.
 _PIL_LIMIT = threading.Lock()
 
 
@@ -243,19 +244,25 @@ def open_image(source: bytes | str | Image.Image, field: str = "image", policy: 
         return _to_rgb(source, f"{field} (in memory)")
     shown = source if isinstance(source, str) else f"({len(source)} bytes)"
     fh = io.BytesIO(source) if isinstance(source, bytes) else _open_file(source, field, policy)
-    with fh, warnings.catch_warnings(), _PIL_LIMIT:
+    with fh, warnings.catch_warnings():
         # Our header checks replace PIL's bomb check and its warning (see the module docstring).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return _decode(fh, field, shown, policy)
+            try:
+                return _decode(fh, field, shown, policy)
+            except Image.DecompressionBombError:
+                fh.seek(0)  # regular files and bytes only: seekable
+                with _PIL_LIMIT:
+                    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                    try:
+                        return _decode(fh, field, shown, policy)
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = pil_limit
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             if isinstance(e, RecordProblem):
                 raise
             raise RecordProblem("unreadable_image", f"{field} {shown} cannot be decoded as an image: {e}",
                                 "replace the file with a readable image") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def pixels_digest(image: Image.Image) -> str:
