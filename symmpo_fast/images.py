@@ -21,8 +21,9 @@ bounded pixels and shapes, every bit depth decoded to 8-bit RGB.
   drafted): ``max_pixels`` means what it says in both directions.
 * **Bounded shape.**  Width / height (or its inverse) above ``max_aspect_ratio`` (default 200) is
   refused from the header: processors resize the short side (LLaVA-1.5: to 336 px), so a 373-byte
-  1x100000 PNG of 0.1 Mpx becomes 336 x 33.6 M pixels, ~34 GB, in the middle of a run; Qwen-VL's
-  processor itself raises above 200.  At 200 a LLaVA-1.5 resize holds 336 x 67200 x 3 bytes = 68 MB.
+  1x100000 PNG of 0.1 Mpx becomes 336 x 33.6 M pixels in the middle of a run; Qwen-VL's processor
+  itself raises above 200.  Measured, LLaVA-1.5's processor (CLIP, 336 px) on a 1x200 image: +215 MB
+  peak memory, on 1x2000: +2.2 GB (so ~100 GB for 1x100000).
 * **Bit depth.**  16-bit greyscale PNGs (mode ``I;16``) are scaled to 8 bits; PIL's own
   ``convert("RGB")`` clips them, turning 99.6 % of a ramp's pixels white.
 """
