@@ -65,8 +65,10 @@ def _prepare_data(args) -> int:
 
     report = prepare(args.data, data_format=args.data_format, objective=args.objective, image_root=args.image_root,
                      skip_bad_records=args.skip_bad_records, output=args.output, model=args.model,
-                     max_length=args.max_length, seed=args.seed, prompt_format=args.prompt_format,
-                     images=ImagePolicy(args.max_image_pixels, args.allow_outside_image_root))
+                     max_length=args.max_length, truncation=args.truncation, seed=args.seed,
+                     prompt_format=args.prompt_format,
+                     images=ImagePolicy(max_pixels=args.max_image_pixels, allow_outside_root=args.allow_outside_image_root,
+                                        max_aspect_ratio=args.max_image_aspect_ratio))
     print(json.dumps(report, indent=1))
     return 0 if report["usable"] else 1
 
@@ -119,7 +121,7 @@ def _passthrough(command: str, argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .images import MAX_PIXELS
+    from .images import MAX_ASPECT_RATIO, MAX_PIXELS
     from .train.config import add_arguments
 
     p = argparse.ArgumentParser(prog="symmpo-fast", description=__doc__.split("\n\n")[0].replace("``", ""),
@@ -145,13 +147,18 @@ def parser() -> argparse.ArgumentParser:
                    help="read image paths that leave the image root (absolute paths, '..')")
     d.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
                    help="largest image in pixels; JPEGs above it are decoded downscaled, others are bad records")
+    d.add_argument("--max-image-aspect-ratio", type=float, default=MAX_ASPECT_RATIO,
+                   help="widest image shape (long side / short side); thinner images are bad records")
     d.add_argument("--skip-bad-records", action="store_true",
                    help="report every bad record instead of stopping at the first")
     d.add_argument("--output", default="", help="write the usable records as JSONL + PNG here, with mDPO's "
                    "cropped contrast image m_l for data that has no contrast image")
     d.add_argument("--model", default="", help="also tokenize with this model's processor ('tiny' or a "
                    "checkpoint) and report sequence lengths and what max_length would drop")
-    d.add_argument("--max-length", type=int, default=2048, help="max_length for the length report")
+    d.add_argument("--max-length", type=int, default=2048, help="with --model: records too long for it are bad "
+                   "records (too_long), as in training; also the length report's bound")
+    d.add_argument("--truncation", default="drop", choices=("drop", "question", "right"),
+                   help="with --model: train's --truncation, which decides what is too long")
     d.add_argument("--prompt-format", default="auto", choices=("auto", "llava_v1", "chat_template"),
                    help="prompt format for the length report (as train's --prompt-format)")
     d.add_argument("--seed", type=int, default=0, help="seed of mDPO's crops (the collator's seed)")

@@ -26,7 +26,8 @@ Formats (``load_dataset(path, format="auto")``):
 * ``mdpo_json``: mDPO's JSON list of ``{img_path, prompt, chosen, rejected}``; a ``prompt`` that is
   already a conversation (ends with the assistant's turn, "... ASSISTANT:") is kept as ``prompt``
   and used as written, a bare one is the question.
-* ``jsonl``: one JSON object a line with our field names, images as paths.
+* ``jsonl``: one JSON object a line with our field names, images as paths.  (JSON and JSONL
+  alike: a leading UTF-8 byte-order mark is skipped.)
 * ``hf``: a ``datasets`` data set (``hf:NAME[:SPLIT]`` or a ``save_to_disk`` directory) with
   any of the column sets above.  Needs the ``datasets`` package.
 
@@ -37,16 +38,18 @@ without ``prompt`` has it extracted: the messages both answers start with), or `
 instead of ``prompt`` (put in the model's chat template).  A row with none of the image columns
 is a text row.
 
-Every record is validated when it is read, before training starts: a missing field, a wrong
-type, an empty response, text that is not UTF-8, ``chosen`` equal to ``rejected``, reference
-log-probs that are not finite and <= 0, a missing, unreadable, oversized or out-of-root image
-(:mod:`symmpo_fast.images`), and whatever the trainer's ``check`` adds (its tokenizer's special
-tokens in a text, mDPO's crop of a tiny image) stop with a one-line :class:`BadRecordError`
-naming the file, the record and the fix, unless ``skip_bad_records`` is set, in which case the
-record is skipped and counted by kind (``dataset.skipped``).  Duplicate records (the same texts
-and pixels as an earlier one) are kept and listed in ``dataset.duplicates``.  An unreadable
-parquet shard is one bad "record": skipping it keeps the directory's other shards.  Nothing is
-ever silently replaced.
+Every record is validated when it is read, before training starts: a line that is not JSON
+(also one nested past Python's recursion limit, or an integer past its 4300-digit limit), a
+missing field, a wrong type, an empty response, text that is not UTF-8, ``chosen`` equal to
+``rejected``, reference log-probs that are not finite and <= 0, a missing, unreadable, oversized,
+too thin or out-of-root image (:mod:`symmpo_fast.images`), and whatever the trainer's ``check``
+adds (its tokenizer's special tokens in a text, mDPO's crop of a tiny image, a record too long for
+``max_length``) stop with a one-line :class:`BadRecordError` naming the file, the record and the
+fix, unless ``skip_bad_records`` is set, in which case the record is skipped and counted by kind
+(``dataset.skipped``).  Duplicate records (the same texts and pixels as an earlier one) are kept
+and listed in ``dataset.duplicates``.  An unreadable parquet shard (or a FIFO among them: every
+data file is opened non-blocking and must be a regular file) is one bad "record": skipping it
+keeps the directory's other shards.  Nothing is ever silently replaced.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .images import ImagePolicy, RecordProblem, open_image, pixels_digest, resolve
+from .images import ImagePolicy, RecordProblem, open_image, open_regular, pixels_digest, resolve
 from .prompts import is_conversation
 
 TEXT_FIELDS = ("question", "prompt", "chosen", "rejected", "contrast_chosen")
@@ -145,8 +148,8 @@ def _official_logps(raw) -> dict[str, list[float]]:
     since a NaN one would skip its whole global batch every epoch without naming the record."""
     try:
         value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except json.JSONDecodeError as e:
-        raise RecordProblem("bad_ref_logps", f"logps is not valid JSON: {e}", _LOGPS_FIX) from None
+    except (ValueError, RecursionError) as e:
+        raise RecordProblem("bad_ref_logps", f"logps is not valid JSON: {_json_error(e)}", _LOGPS_FIX) from None
     if isinstance(value, dict):
         value = value.get("logps")
     if not isinstance(value, (list, tuple)) or len(value) != 15:
@@ -289,6 +292,8 @@ def validate_text(row: dict, where: str, check: Check | None = None) -> dict:
             check(rec)
     except RecordProblem as e:
         raise BadRecordError(f"{where}: {_one_line(e)}; fix: {e.fix}", e.kind) from None
+    except (ValueError, TypeError) as e:  # a check's own error (the collator's): still named, never a traceback
+        raise BadRecordError(f"{where}: {_one_line(e)}; fix: correct or remove the record") from None
     rec["digest"] = content_digest(rec)
     return rec
 
@@ -328,7 +333,7 @@ def validate(row: dict, objective: str, where: str, images: ImagePolicy = ImageP
                     raise _missing(k)
                 continue
             src = _image_source(v, k, base, images)
-            decoded[k] = open_image(src, k, images.max_pixels)
+            decoded[k] = open_image(src, k, images)
             rec[k] = src
             digests[k] = pixels_digest(decoded[k])
         if objective == "symmpo" and digests["image"] == digests["contrast_image"]:
@@ -398,7 +403,7 @@ class PreferenceDataset:
         for k in IMAGE_FIELDS:
             if k in rec:
                 try:
-                    rec[k] = open_image(rec[k], k, self.images.max_pixels)
+                    rec[k] = open_image(rec[k], k, self.images)
                 except RecordProblem as e:
                     raise BadRecordError(f"{self.source}: record {rec['id']}: {k} became unreadable since it was "
                                          f"read: {_one_line(e)}", e.kind) from None
@@ -480,11 +485,21 @@ def _parquet_rows(file: Path) -> Iterator[tuple[str, dict]]:
 
     i = 0
     try:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                idx = f" (idx {row['idx']})" if row.get("idx") is not None else ""
-                yield f"{file}: record {i}{idx}", normalise_row(row, file.parent)
-                i += 1
+        fh = open_regular(file, "parquet shard")  # pq.ParquetFile(path) would block on a FIFO
+    except RecordProblem as e:
+        yield f"{file}: the whole shard", {"_error": e}
+        return
+    except OSError as e:
+        yield f"{file}: the whole shard", {"_error": RecordProblem(
+            "unreadable_shard", f"cannot be opened: {e.strerror}", "make the shard readable, or remove it")}
+        return
+    try:
+        with fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    idx = f" (idx {row['idx']})" if row.get("idx") is not None else ""
+                    yield f"{file}: record {i}{idx}", normalise_row(row, file.parent)
+                    i += 1
     except (pa.ArrowException, OSError, ValueError) as e:
         rows = f"rows from {i} on" if i else "the whole shard"
         yield f"{file}: {rows}", {"_error": RecordProblem(
@@ -497,14 +512,26 @@ def _not_an_object(row) -> dict:
 
 
 def _surrogates(value) -> int:
-    """Lone surrogates in every string (keys too) of a parsed JSON value."""
-    if isinstance(value, str):
-        return len(_SURROGATE.findall(value))
-    if isinstance(value, dict):
-        return sum(_surrogates(k) + _surrogates(v) for k, v in value.items())
-    if isinstance(value, list):
-        return sum(_surrogates(v) for v in value)
-    return 0
+    """Lone surrogates in every string (keys too) of a parsed JSON value.  A loop, not recursion:
+    what json.loads nested just below its own limit would overflow a recursive walk."""
+    n, todo = 0, [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            n += len(_SURROGATE.findall(v))
+        elif isinstance(v, dict):
+            todo += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            todo += v
+    return n
+
+
+def _json_error(e: Exception) -> str:
+    """json.loads' own error, or what its other failures mean: nesting past Python's recursion
+    limit (a line of 200000 '['), an integer past int's 4300-digit string limit."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to parse"
+    return _one_line(e)
 
 
 def parquet_files(directory: Path) -> list[Path]:
@@ -528,12 +555,14 @@ def parquet_files(directory: Path) -> list[Path]:
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
     # Undecodable bytes are kept as lone surrogates, so that only the records holding them are bad;
     # each is named with the line of its first such byte (records and their bytes come in file order).
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    # A UTF-8 byte-order mark (Windows editors write one) is not part of the JSON, as for JSONL.
+    with _open_data(path) as fh:
+        text = fh.read().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
     bad_lines = [text.count("\n", 0, m.start()) + 1 for m in _SURROGATE.finditer(text)]
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRecordError(f"{path}: not valid JSON: {e}; fix: repair the file", "invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRecordError(f"{path}: not valid JSON: {_json_error(e)}; fix: repair the file", "invalid_json") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -551,8 +580,15 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
         yield where, normalise_row(row, path.parent)
 
 
+def _open_data(path: Path):
+    try:
+        return open_regular(path, "data")
+    except RecordProblem as e:  # the data path itself: not a record's problem
+        raise ValueError(str(e)) from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, "rb") as fh:
+    with _open_data(path) as fh:
         for i, raw in enumerate(fh):
             where = f"{path}: line {i + 1}"
             try:
@@ -565,8 +601,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, {"_error": RecordProblem("invalid_json", f"not valid JSON: {e}",
+            except (ValueError, RecursionError) as e:  # also: nesting past the recursion limit, huge ints
+                yield where, {"_error": RecordProblem("invalid_json", f"not valid JSON: {_json_error(e)}",
                                                       "repair the line or remove it")}
                 continue
             if not isinstance(row, dict):
@@ -635,7 +671,7 @@ def load_dataset(path: str, format: str = "auto", objective: str = "symmpo", ima
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"data {path} does not exist")
-        if not p.is_dir() and not p.is_file():  # a FIFO would block the reader
+        if not p.is_dir() and not p.is_file():  # a FIFO would block the reader (the readers check again on open)
             raise ValueError(f"data {path} is not a regular file or a directory")
         source = str(p)
         reader = {"symmpo_parquet": _read_parquet, "mdpo_json": _read_json, "jsonl": _read_jsonl}.get(fmt)

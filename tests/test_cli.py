@@ -47,6 +47,25 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
     assert got.objective_config().pair_weight == 0.5  # the preset's, not overridden
 
 
+def test_config_yaml_says_what_to_train_not_how_to_start(tmp_path):
+    """A config.yaml holding overwrite: true turned a requeue script's `train --config DIR/config.yaml`
+    into a silent delete-and-restart, and `--config DIR/config.yaml --resume` into an error."""
+    cfg = TrainConfig(overwrite=True, max_steps=3)
+    text = cfg.to_yaml(tmp_path / "c.yaml")
+    assert "overwrite" not in text and "resume" not in text
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == dataclasses.replace(cfg, overwrite=False)
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (tmp_path / "old.yaml").write_text("overwrite: true\nmax_steps: 3\n")  # as the trainer before wrote them
+    got = from_args(parser.parse_args(["--config", str(tmp_path / "old.yaml"), "--resume"]))
+    assert got.resume and not got.overwrite and got.max_steps == 3  # the command line says how to start
+    got = from_args(parser.parse_args(["--config", str(tmp_path / "old.yaml")]))
+    assert got.overwrite  # a file of the user's own may say so
+
+
 def test_config_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rat: 1e-5\n")
     with pytest.raises(ValueError, match="unknown config key.*learning_rat"):
@@ -81,6 +100,8 @@ NAN, INF = float("nan"), float("inf")
     ("num_epochs", INF, "num_epochs must be a finite number"),
     ("synthetic_records", 0, "synthetic_records must be >= 1"),
     ("max_image_pixels", 0, "max_image_pixels must be >= 1"),
+    ("max_image_aspect_ratio", 0.5, "max_image_aspect_ratio must be >= 1, got 0.5"),
+    ("max_image_aspect_ratio", INF, "max_image_aspect_ratio must be a finite number"),
 ])
 def test_numeric_options_are_validated_with_their_name(field, value, says):
     with pytest.raises(ValueError, match=says):
@@ -118,13 +139,22 @@ def test_prepare_data_reports_and_writes(tmp_path, capsys):
     mdpo = [{"img_path": str(path.parent / r["image"]), "prompt": "<image>\n" + r["question"], "chosen": r["chosen"],
              "rejected": r["rejected"]} for r in rows]
     (tmp_path / "mdpo.json").write_text(json.dumps(mdpo))
-    assert cli.main(["prepare-data", str(tmp_path / "mdpo.json"), "--objective", "mdpo", "--model", "tiny",
-                     "--max-length", "30", "--output", str(tmp_path / "out")]) == 0
+    argv = ["prepare-data", str(tmp_path / "mdpo.json"), "--objective", "mdpo", "--model", "tiny"]
+    assert cli.main([*argv, "--output", str(tmp_path / "out")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["usable"] == 4 and report["skipped"] == 0 and not report["has_contrast"]
-    assert report["tokens_max"] > 30 and report["over_max_length_30"] == 4
+    assert report["tokens_max"] > 30 and report["over_max_length_2048"] == 0
     written = [json.loads(line) for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
     assert all((tmp_path / "out" / r["mdpo_crop"]).exists() for r in written)
+    # Below the longest record: truncation=right keeps it (its responses cut) and the report counts
+    # it; truncation=drop makes the same records bad records (too_long), as training would.
+    limit = str(report["tokens_max"] - 1)
+    assert cli.main([*argv, "--max-length", limit, "--truncation", "right"]) == 0
+    over = json.loads(capsys.readouterr().out)[f"over_max_length_{limit}"]
+    assert over >= 1
+    assert cli.main([*argv, "--max-length", limit, "--skip-bad-records"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped_by_kind"] == {"too_long": over} and report["usable"] == 4 - over
 
     rows[1]["chosen"] = ""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

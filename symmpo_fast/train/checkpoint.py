@@ -21,7 +21,16 @@ leaves the previous checkpoint whole; only the newest ``keep`` are kept.  On res
 matches its own hash and whose every file has the recorded size and hash (each process hashes
 the files it reads itself, and the processes agree by an all-reduce); a damaged one (truncated,
 a bad header, flipped bytes in the tensor data) is named in a warning and the next older one is
-tried, so a requeued job does not crash on the same broken file at every restart.
+tried, so a requeued job does not crash on the same broken file at every restart.  Once the run's
+checks have passed, the damaged ones are moved aside to ``damaged-step-...`` (:meth:`set_aside`):
+kept for a post-mortem, but no longer counted among the ``keep`` newest, which would otherwise
+delete intact checkpoints and keep a broken one.
+
+A checkpoint written before checkpoints carried hashes (``trainer_state.json`` without
+``files`` and ``sha256``) cannot be verified byte for byte: it is resumed with a warning when its
+files are there, regular and readable (safetensors headers, JSON), and only the settings it
+recorded are compared (:meth:`choose` gives them as ``settings`` with ``legacy``).  Names in
+``checkpoints/`` that are not ours (``step-00000002.bak``) are ignored with a warning.
 
 The sharded form (FSDP2) is read back by the same number of processes:
 ``torch.distributed.checkpoint``'s own format would reshard, but its metadata file is a pickle,
@@ -35,13 +44,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -52,6 +62,8 @@ from torch.distributed.checkpoint.state_dict import (
 from . import distributed as dist_utils
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+_STEP = re.compile(r"step-(\d+)")
+_OURS = re.compile(r"(\.tmp-|damaged-)?step-\d+(-\d+)?")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +127,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise RuntimeError(f"{path} cannot be loaded although its hash matched: {e}") from None
+        raise RuntimeError(f"{path} cannot be loaded although it was verified: {e}") from None
 
 
 class Checkpointer:
@@ -129,11 +141,31 @@ class Checkpointer:
 
     # --- where -----------------------------------------------------------------------------------
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first (an interrupted save has no trainer_state.json)."""
+        """Complete checkpoints, oldest first (an interrupted save has no trainer_state.json); only
+        ``step-N`` directories count, whatever else a person left in ``checkpoints/``."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob("step-*") if (p / "trainer_state.json").is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        found = [p for p in self.root.iterdir() if _STEP.fullmatch(p.name) and (p / "trainer_state.json").is_file()]
+        return sorted(found, key=lambda p: int(_STEP.fullmatch(p.name)[1]))
+
+    def strangers(self) -> list[str]:
+        """Names in ``checkpoints/`` that this trainer never writes (ignored)."""
+        return sorted(p.name for p in self.root.iterdir() if not _OURS.fullmatch(p.name)) if self.root.is_dir() else []
+
+    def set_aside(self, damaged: list[str]) -> list[Path]:
+        """Rename damaged checkpoints to ``damaged-step-...`` (process 0; after the run's checks):
+        kept to look at, never resumed, never counted among the ``keep`` newest."""
+        moved = []
+        if self.rank == 0:
+            for path in map(Path, damaged):
+                target, n = path.with_name(f"damaged-{path.name}"), 1
+                while target.exists():  # damaged again after a resume saved the same step anew
+                    n += 1
+                    target = path.with_name(f"damaged-{path.name}-{n}")
+                os.replace(path, target)
+                moved.append(target)
+        dist_utils.barrier()
+        return moved
 
     def _suffix(self) -> str:
         return f"-rank{self.rank}" if self.sharded else ""
@@ -193,13 +225,15 @@ class Checkpointer:
         """``(trainer state, None)`` when every file this process reads is as written, else ``(None, why)``."""
         try:
             doc = json.loads((path / "trainer_state.json").read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             return None, f"trainer_state.json does not read: {e}"
+        if isinstance(doc, dict) and "sha256" not in doc and "files" not in doc:
+            return self._verify_legacy(path, doc)
         if not isinstance(doc, dict) or doc.get("sha256") != _self_hash(doc):
             return None, "trainer_state.json does not match its own hash (damaged or edited)"
         files = doc.get("files")
         if not isinstance(files, dict):
-            return None, "trainer_state.json lists no file hashes (written by an older symmpo-fast)"
+            return None, "trainer_state.json lists no file hashes although it has its own hash (edited)"
         for name, meta in sorted(files.items()):
             f = path / name
             if not f.is_file():
@@ -211,10 +245,39 @@ class Checkpointer:
                 return None, f"{name} does not match the sha256 recorded when it was written"
         return doc, None
 
+    def _verify_legacy(self, path: Path, doc: dict) -> tuple[dict | None, str | None]:
+        """A checkpoint of the trainer before hashes: complete and readable is all that can be checked."""
+        if isinstance(doc.get("step"), bool) or not isinstance(doc.get("step"), int):
+            return None, "trainer_state.json has no step"
+        # A DDP run resumed by more processes than wrote it reseeds the extra ones (see load).
+        reads = [n for n in self._reads() if not (n.startswith("rng-") and self.rank >= doc.get("world_size", 1))]
+        for name in reads:
+            f = path / name
+            if not f.is_file():
+                return None, f"{name} is missing"
+            try:
+                if name.endswith(".safetensors"):
+                    with safe_open(str(f), "pt") as st:  # the header and the data's extent, not its bytes
+                        list(st.keys())
+                else:
+                    json.loads(f.read_text())
+            except (OSError, SafetensorError, UnicodeDecodeError, ValueError, RecursionError) as e:
+                return None, f"{name} does not read: {e}"
+        try:
+            settings = json.loads(doc.get("fingerprint") or "{}")  # the settings that old trainer compared
+        except (TypeError, ValueError):
+            settings = {}
+        return {**doc, "settings": settings if isinstance(settings, dict) else {}, "data": None,
+                "legacy": True}, None
+
     def choose(self) -> dict | None:
-        """The trainer state of the newest intact checkpoint (``state["path"]``: where), or None when
-        there is no checkpoint; every process gets the same one.  Raises when every one is damaged."""
-        damaged = []
+        """The trainer state of the newest intact checkpoint (``state["path"]``: where; ``state["damaged"]``:
+        the newer ones found damaged, for :meth:`set_aside`), or None when there is no checkpoint;
+        every process gets the same one.  Raises when every one is damaged."""
+        if self.rank == 0 and self.strangers():
+            warnings.warn(f"{self.root}: ignoring {', '.join(self.strangers())}, not checkpoints of this trainer",
+                          RuntimeWarning, stacklevel=2)
+        damaged, why = [], []
         for path in reversed(self.complete()):
             doc, problem = self._verify(path)
             # Every process must pick the same checkpoint: one damaged shard rules it out for all.
@@ -222,18 +285,27 @@ class Checkpointer:
             problems = [p for p in dist_utils.gather_to_rank0(problem) or [] if p]
             if not flags.item():
                 if damaged and self.rank == 0:
-                    warnings.warn(f"{'; '.join(damaged)}: resuming from the newest intact checkpoint, {path}",
+                    aside = ", ".join(f"damaged-{Path(p).name}" for p in damaged)
+                    warnings.warn(f"{'; '.join(why)}: resuming from the newest intact checkpoint, {path}; the damaged "
+                                  f"one(s) are moved aside to {aside} once the run's checks have passed",
+                                  RuntimeWarning, stacklevel=2)
+                if doc.get("legacy") and self.rank == 0:
+                    warnings.warn(f"checkpoint {path} was written before checkpoints carried hashes: its files are "
+                                  "complete and readable but cannot be verified byte for byte, and only the settings "
+                                  f"it recorded ({', '.join(sorted(doc['settings'])) or 'none'}) are compared; the "
+                                  "records' content is not (their path and number are)",
                                   RuntimeWarning, stacklevel=2)
                 self._check_layout(path, doc)
-                return {**doc, "path": str(path)}
-            damaged.append(f"checkpoint {path} is damaged ({'; '.join(problems) or 'another process found it so'})")
+                return {**doc, "path": str(path), "damaged": damaged}
+            damaged.append(str(path))
+            why.append(f"checkpoint {path} is damaged ({'; '.join(problems) or 'another process found it so'})")
         if damaged:
-            raise RuntimeError(f"{'; '.join(damaged)}; no intact checkpoint is left to resume from: pass --overwrite "
+            raise RuntimeError(f"{'; '.join(why)}; no intact checkpoint is left to resume from: pass --overwrite "
                                "to start over")
         return None
 
     def _check_layout(self, path: Path, state: dict) -> None:
-        if state.get("sharded") and state["world_size"] != self.world:
+        if state.get("sharded") and state.get("world_size") != self.world:
             raise RuntimeError(f"{path} was written by {state['world_size']} processes under FSDP and is read by "
                                f"{self.world}: resume with --nproc_per_node giving {state['world_size']} processes")
         if state.get("sharded", False) != self.sharded:

@@ -3,7 +3,10 @@
 Read from YAML (``TrainConfig.from_yaml``) with ``--field-name value`` command-line overrides
 (``add_arguments`` / ``from_args``); ``symmpo-fast train --help`` prints every field with its
 help text and default.  A run writes the config it used to ``DIR/config.yaml``, which reads back
-to an equal config.
+to an equal config, less ``resume`` and ``overwrite``: how a run was started is not what it
+trains, and a config.yaml holding ``overwrite: true`` would make a requeue script that trains from
+it delete the run it meant to continue.  A ``--resume`` or ``--overwrite`` on the command line
+replaces both of a config file's.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from ..images import MAX_PIXELS, ImagePolicy
+from ..images import MAX_ASPECT_RATIO, MAX_PIXELS, ImagePolicy
 from ..objectives import ObjectiveConfig
 
 # ObjectiveConfig fields that a run may override on top of the objective's preset.
+# How to start a run, not what it trains: never written to config.yaml, never compared on resume.
+RUN_ACTIONS = ("resume", "overwrite")
 _OBJECTIVE_FIELDS = ("beta", "dpo_weight", "copo_weight", "pair_weight", "margin_weight", "anchor_weight",
                      "anchor_delta", "anchor_contrast", "average_logps")
 
@@ -108,6 +113,9 @@ class TrainConfig:
                                 group="data")
     max_image_pixels: int = _f(MAX_PIXELS, "Largest image in pixels (width x height); JPEGs above it are decoded "
                                "at 1/2, 1/4 or 1/8 scale, other formats are bad records.", group="data")
+    max_image_aspect_ratio: float = _f(MAX_ASPECT_RATIO, "Widest (or tallest) image shape, long side / short side; "
+                                       "thinner images are bad records (a processor resizing the short side would "
+                                       "blow them up).", group="data")
     allow_outside_image_root: bool = _f(False, "Read image paths that leave the image root (absolute paths, '..', "
                                         "symbolic links out of it); refused by default.", group="data")
     max_length: int = _f(2048, "Longest sequence (prompt + image tokens + response) in tokens.", group="data")
@@ -210,7 +218,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """Every field but :data:`RUN_ACTIONS` (see the module docstring)."""
+        text = yaml.safe_dump({k: v for k, v in self.to_dict().items() if k not in RUN_ACTIONS}, sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -238,21 +247,26 @@ class TrainConfig:
 
     @property
     def image_policy(self) -> ImagePolicy:
-        return ImagePolicy(self.max_image_pixels, self.allow_outside_image_root)
+        return ImagePolicy(self.max_image_pixels, self.allow_outside_image_root, self.max_image_aspect_ratio)
 
-    def resume_changes(self, saved: dict, where: str) -> list[str]:
+    def resume_changes(self, saved: dict, where: str, recorded_only: bool = False) -> list[str]:
         """How this config differs from ``saved``, the settings a checkpoint was written with: one
         line per change that :data:`RESUME_MAY_CHANGE` allows (and the loop applies); a change of
         any other field raises, naming every one.  A field ``saved`` lacks (written before the
-        field existed) counts as its default."""
+        field existed) counts as its default.  ``recorded_only`` (a checkpoint of the trainer
+        before hashes, which recorded a few settings and no data fingerprint): only the fields
+        ``saved`` holds are compared, and the data's may not change, since their records cannot
+        be compared."""
         applied, refused = [], []
         for f in dataclasses.fields(self):
+            if recorded_only and f.name not in saved:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             old, new = saved.get(f.name, default), getattr(self, f.name)
-            if old == new or f.name in ("resume", "overwrite"):  # how to start, not what to train
+            if old == new or f.name in RUN_ACTIONS:
                 continue
             change = f"{f.name} {old!r} -> {new!r}"
-            if f.name in RESUME_MAY_CHANGE:
+            if f.name in RESUME_MAY_CHANGE and not (recorded_only and RESUME_MAY_CHANGE[f.name] == _SAME_DATA):
                 applied.append(f"{change}: {RESUME_MAY_CHANGE[f.name]}" if RESUME_MAY_CHANGE[f.name] else change)
             else:
                 refused.append(change)
@@ -265,7 +279,7 @@ class TrainConfig:
 
 # Every positive / non-negative count, every bounded float: validated with the field's name.
 _POSITIVE = ("global_batch_size", "micro_batch_size", "max_length", "keep_checkpoints", "max_bad_steps", "lora_r",
-             "lora_alpha", "synthetic_records", "synthetic_eval_records", "max_image_pixels")
+             "lora_alpha", "synthetic_records", "synthetic_eval_records", "max_image_pixels", "max_image_aspect_ratio")
 _NON_NEGATIVE = {"max_steps": "0: num_epochs passes", "max_records": "0: all records",
                  "save_steps": "0: only at the end", "eval_steps": "0: never during training",
                  "num_workers": "0: load in the training process", "learning_rate": "a step size",
@@ -290,7 +304,7 @@ RESUME_MAY_CHANGE = {
     "progress": "", "tensorboard": "", "output_dir": "", "ref_cache": "",
     "data": _SAME_DATA, "data_format": _SAME_DATA, "image_root": _SAME_DATA, "max_records": _SAME_DATA,
     "skip_bad_records": _SAME_DATA, "synthetic_records": _SAME_DATA, "max_image_pixels": _SAME_DATA,
-    "allow_outside_image_root": _SAME_DATA,
+    "allow_outside_image_root": _SAME_DATA, "max_image_aspect_ratio": _SAME_DATA,
 }
 
 
@@ -359,6 +373,8 @@ def from_args(args: argparse.Namespace, cls=TrainConfig) -> TrainConfig:
     """The config of ``--config FILE`` (or the defaults) with every option given on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if any(k in overrides for k in RUN_ACTIONS):  # the command line says how to start, whatever the file says
+        overrides = {**{k: False for k in RUN_ACTIONS}, **overrides}
     if getattr(args, "config", None):
         return cls.from_yaml(args.config, **overrides)
     return cls.from_dict(overrides)

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .evaluate import eval_objective, logp_metrics
 from .model import Models, PreferenceModule, autocast, build, export, model_has_images
 from .prepare import record_check
-from .progress import MetricsLogger
+from .progress import MetricsLogger, check_metrics
 from .refcache import ReferenceCache, cache_fingerprint
 
 
@@ -51,8 +51,11 @@ def check_model_and_objective(cfg: TrainConfig) -> bool:
     return images
 
 
-def _check(cfg: TrainConfig, processor, crop: bool):
-    return record_check(processor, cfg.seed, crop=crop and cfg.mdpo_crop == "seeded") if processor is not None else None
+def _check(cfg: TrainConfig, processor, crop: bool, objective: str):
+    if processor is None:
+        return None
+    return record_check(processor, cfg.seed, crop=crop and cfg.mdpo_crop == "seeded", objective=objective,
+                        collate=cfg.collator_kwargs())
 
 
 def load_data(cfg: TrainConfig, processor=None, text_only: bool = False) -> formats.PreferenceDataset:
@@ -66,7 +69,8 @@ def load_data(cfg: TrainConfig, processor=None, text_only: bool = False) -> form
         return build_text_split("train", n) if text_only else build_split("train", n, SyntheticConfig())
     return formats.load_dataset(cfg.data, cfg.data_format, objective=cfg.objective, image_root=cfg.image_root,
                                 skip_bad_records=cfg.skip_bad_records, max_records=cfg.max_records,
-                                images=cfg.image_policy, check=_check(cfg, processor, cfg.objective == "mdpo"),
+                                images=cfg.image_policy,
+                                check=_check(cfg, processor, cfg.objective == "mdpo", cfg.objective),
                                 text_only=text_only)
 
 
@@ -83,7 +87,7 @@ def load_eval_data(cfg: TrainConfig, processor=None, text_only: bool = False) ->
     # mDPO's crop stands in for m', hence the crop check.
     return formats.load_dataset(cfg.eval_data, "auto", objective="dpo", image_root=cfg.image_root,
                                 skip_bad_records=cfg.skip_bad_records, images=cfg.image_policy,
-                                check=_check(cfg, processor, crop=not text_only), text_only=text_only)
+                                check=_check(cfg, processor, not text_only, "eval"), text_only=text_only)
 
 
 def data_counts(dataset: formats.PreferenceDataset) -> dict[str, int]:
@@ -149,6 +153,11 @@ class StepSchedule:
         start = k * self.global_batch + self.rank * self.per_rank
         mine = self._order(epoch)[start: start + self.per_rank]
         return [mine[i: i + self.micro] for i in range(0, self.per_rank, self.micro)]
+
+    def step_records(self, step: int) -> list[int]:
+        """Every record of the global batch of ``step`` (0-based), over all processes."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self._order(epoch)[k * self.global_batch: (k + 1) * self.global_batch]
 
     def loader(self, dataset, collator: PreferenceCollator, start: int, stop: int, num_workers: int = 0):
         """Yields, for each step in ``[start, stop)``, this process's micro-batches ``[(indices, batch), ...]``."""
@@ -240,7 +249,8 @@ def make_reference(cfg: TrainConfig, models: Models, dataset, collator, root, re
         return copy_ref
     if mode == "cache":
         directory = cfg.ref_cache or str(Path(cfg.output_dir) / "ref_cache")
-        cache = ReferenceCache(directory, cache_fingerprint(models.fingerprint, dataset.fingerprint(), cfg))
+        cache = ReferenceCache(directory, cache_fingerprint(models.fingerprint, dataset.fingerprint(), cfg),
+                               collator.columns)
         return lambda indices, batch: cache.lookup(batch.record_keys)
     return DatasetReference(dataset, collator, cfg.objective_config().average_logps)
 
@@ -287,21 +297,32 @@ def _grad_sync(train_root, parallel: str, last: bool):
     return contextlib.nullcontext()
 
 
-def _run_step(micro, train_root, reference, parallel: str, device, dtype, world: int) -> _Step:
+def record_names(dataset, indices: list[int], most: int = 8) -> str:
+    """``indices``' record ids (file and line or row), the first ``most`` of them, for messages."""
+    names = [str(dataset.records[i].get("id", i)) for i in indices]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return "; ".join(names[:most]) + more
+
+
+def _run_step(micro, train_root, reference, parallel: str, device, dtype, world: int,
+              names: Callable[[list[int]], str]) -> _Step:
     counts = torch.tensor([sum(b.num_records for _, b in micro), sum(b.num_dropped for _, b in micro),
                            sum(b.num_truncated for _, b in micro), sum(_sequence_tokens(b) for _, b in micro)],
                           dtype=torch.float64)
     dist_utils.all_reduce_sum(counts)  # one host sync per step: the global record count scales every loss
     n_global = int(counts[0])
+    # Unreachable for data read with the run's processor (a record too long to keep is a bad
+    # record, too_long, when it is read); the generated data is not checked so.
     if n_global == 0:
-        raise RuntimeError("every record of this step was dropped by truncation: raise max_length or use "
-                           "truncation=question")
+        raise RuntimeError(f"every record of this step was dropped by truncation (this process's: "
+                           f"{names([i for ix, _ in micro for i in ix])}): raise max_length or use truncation=question")
     keys, sums = None, None
     for i, (indices, batch) in enumerate(micro):
         if batch.num_records == 0:
             if parallel != "none":  # the other processes would wait in a collective forever
-                raise RuntimeError("a whole micro-batch was dropped by truncation, which a multi-process run "
-                                   "cannot skip: raise max_length or micro_batch_size, or use truncation=question")
+                raise RuntimeError(f"a whole micro-batch ({names(indices)}) was dropped by truncation, which a "
+                                   "multi-process run cannot skip: raise max_length or micro_batch_size, or use "
+                                   "truncation=question")
             continue
         batch = batch.to(device)
         ref = reference(indices, batch).to(device)
@@ -367,8 +388,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     ckpt = Checkpointer(out, cfg.keep_checkpoints, sharded=parallel == "fsdp")
     resumed = ckpt.choose() if cfg.resume else None
     rundir.check(out, cfg.resume, cfg.overwrite, has_checkpoint=resumed is not None)
-    changes = cfg.resume_changes(resumed["settings"], resumed["path"]) if resumed else []
+    changes = cfg.resume_changes(resumed["settings"], resumed["path"], bool(resumed.get("legacy"))) if resumed else []
     start = resumed["step"] if resumed else 0
+    if start:  # a row broken in the middle of metrics.jsonl stops here, before anything is written
+        check_metrics(out / "metrics.jsonl")
     seed_everything(cfg.seed)
     objective = cfg.objective_config()
 
@@ -376,7 +399,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     models = build(cfg, device)
     dataset = load_data(cfg, models.processor)
     eval_data = load_eval_data(cfg, models.processor)
-    if resumed and resumed["data"] != dataset.fingerprint():
+    if resumed and resumed["data"] is not None and resumed["data"] != dataset.fingerprint():
         raise RuntimeError(f"{resumed['path']} was trained on other records than {cfg.data} now gives (their content "
                            "fingerprint differs): resume with the same data, or pass --overwrite to start over")
     schedule = StepSchedule(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, world, rank, cfg.seed)
@@ -384,12 +407,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if start > total:
         raise ValueError(f"{resumed['path']} is at step {start}, past this run's {total} steps: raise max_steps")
     collator = PreferenceCollator(models.processor, cfg.objective, **cfg.collator_kwargs())
+
+    def names(indices: list[int]) -> str:
+        return record_names(dataset, indices)
+
     root = PreferenceModule(models.policy, objective, cfg.packing, cfg.backend)
     ref_root = PreferenceModule(models.reference, objective, cfg.packing, cfg.backend) if models.reference else None
     reference = make_reference(cfg, models, dataset, collator, root, ref_root, device)
     dist_utils.barrier()  # every process has checked before process 0 writes
     if rank == 0:
         rundir.start(out, cfg.overwrite, cfg.to_yaml())
+    if resumed and resumed["damaged"]:
+        ckpt.set_aside(resumed["damaged"])  # collective: process 0 renames, every process waits
     dist_utils.barrier()
 
     train_root = root
@@ -409,7 +438,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     bad = 0
     if resumed:
         ckpt.load(Path(resumed["path"]), root, optimizer)
-        bad = resumed["bad_steps"]
+        bad = resumed.get("bad_steps", 0)
     scheduler = make_scheduler(optimizer, cfg, total, start)
     logger = MetricsLogger(out, total, start, progress=cfg.progress, tensorboard=cfg.tensorboard, enabled=rank == 0)
     counts = data_counts(dataset)
@@ -429,7 +458,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     try:
         for step, micro in zip(range(start, total), schedule.loader(dataset, collator, start, total, cfg.num_workers)):
             try:
-                res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world)
+                res = _run_step(micro, train_root, reference, parallel, device, models.dtype, world, names)
                 grad_norm = _clip(params, cfg.max_grad_norm)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(_oom_message(cfg)) from e
@@ -454,7 +483,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             if not finite:
                 row["skipped"] = True
                 logger.write(f"step {step + 1}: non-finite loss or gradient (loss {res.metrics['loss']}, grad norm "
-                             f"{grad_norm}); step skipped ({bad} in a row)")
+                             f"{grad_norm}); step skipped ({bad} in a row); its records: "
+                             f"{names(schedule.step_records(step))}")
             if eval_data is not None and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0:
                 row.update(_evaluate(root, eval_data, models, cfg, device))
             logger.log(row)

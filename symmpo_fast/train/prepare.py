@@ -6,7 +6,8 @@ images (mDPO, DPO) each row also gets ``mdpo_crop``: the cropped image m_l that 
 builds for mDPO's column 3 with this seed, so that it can be looked at before training.
 
 The report and the trainer see the same records: both read with :func:`record_check` of the
-same processor, so what ``prepare-data`` accepts, training accepts.
+same processor (for the lengths: ``--model``'s, with the run's ``--max-length`` and
+``--truncation``), so what ``prepare-data`` accepts, training accepts.
 """
 
 from __future__ import annotations
@@ -52,11 +53,62 @@ def mdpo_crop(image, seed: int):
     return random_crop(image, rng)
 
 
-def record_check(processor, seed: int, crop: bool) -> formats.Check:
+_LENGTH_FIX = {
+    "drop": "raise max_length, or set truncation=question (cut the question) or truncation=right (cut the "
+            "responses' tails)",
+    "question": "raise max_length, or set truncation=right (cut the responses' tails)",
+    "right": "raise max_length: its prompt alone (image tokens included) leaves no response token",
+}
+
+
+def _longest(batch) -> tuple[int, int]:
+    """The longest sequence of a one-record batch and the longest prompt, in tokens."""
+    pairs = [(len(p), len(r)) for p, r in zip(batch.prompt_ids[0], batch.response_ids[0]) if p is not None]
+    return max(p + r for p, r in pairs), max(p for p, _ in pairs)
+
+
+def length_check(processor, objective: str, collate: dict) -> formats.Check:
+    """A record that the run's collator (``collate``: its options, max_length and truncation
+    among them) would drop as too long: ``too_long``, found when the data is read, instead of a
+    step whose records are all dropped mid-run (which under torchrun no process can skip).
+    ``objective="eval"``: each record's own (SymMPO's five columns when it has contrast fields,
+    else mDPO's), as the held-out evaluation collates it."""
+    from ..data import PreferenceCollator
+
+    collators: dict[tuple[str, bool], PreferenceCollator] = {}
+
+    def collator(name: str, limited: bool) -> PreferenceCollator:
+        if (name, limited) not in collators:
+            options = collate if limited else {**collate, "max_length": 10**9}
+            collators[name, limited] = PreferenceCollator(processor, name, **options)
+        return collators[name, limited]
+
+    def check(rec: dict) -> None:
+        name = objective
+        if name == "eval":
+            name = ("symmpo" if "contrast_image" in rec and "contrast_chosen" in rec else
+                    "mdpo" if "image" in rec else "dpo")
+        if not collator(name, True)([rec]).num_dropped:
+            return
+        # The record is dropped: measure it once more without the limit, for the message.
+        longest, prompt = _longest(collator(name, False)([rec]))
+        policy = collate.get("truncation", "drop")
+        raise RecordProblem("too_long", f"its longest sequence is {longest} tokens (prompt {prompt}, image tokens "
+                            f"included), above max_length={collate['max_length']} with truncation={policy}",
+                            _LENGTH_FIX[policy])
+
+    return check
+
+
+def record_check(processor, seed: int, crop: bool, objective: str | None = None,
+                 collate: dict | None = None) -> formats.Check:
     """What the collator would refuse mid-run, checked when the data is read: a special token's
-    text in a response or the question (the image placeholder is the question's own), and with
-    ``crop`` (mDPO, or evaluation data without contrast images) an image too small for m_l."""
+    text in a response or the question (the image placeholder is the question's own); with
+    ``crop`` (mDPO, or evaluation data without contrast images) an image too small for m_l; with
+    ``objective`` and the run's collator options ``collate``, a record too long to keep
+    (:func:`length_check`)."""
     texts = special_texts(processor)
+    too_long = length_check(processor, objective, collate) if objective is not None and collate is not None else None
 
     def alternatives(ts):
         # One search per field, also for tokenizers with hundreds of reserved special tokens;
@@ -83,6 +135,8 @@ def record_check(processor, seed: int, crop: bool) -> formats.Check:
             except ValueError as e:
                 raise RecordProblem("image_too_small", f"image: {e}", "use a larger image (mDPO crops 1-20 % of "
                                     "its area)") from None
+        if too_long is not None:  # last: the collator needs a record the checks above let through
+            too_long(rec)
 
     return check
 
@@ -91,7 +145,8 @@ def _length_report(dataset: formats.PreferenceDataset, processor, objective: str
                    prompt_format: str = "auto") -> dict:
     from ..data import PreferenceCollator
 
-    # The longest sequence of every record, measured with no length limit.
+    # The longest sequence of every record, measured with no length limit.  The records read are
+    # those the length check kept: over max_length only when the truncation cuts them instead.
     collator = PreferenceCollator(processor, objective, max_length=10**9, seed=seed, prompt_format=prompt_format)
     longest = []
     for i in range(len(dataset)):
@@ -119,17 +174,22 @@ def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
 
 def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", image_root: str = "",
             skip_bad_records: bool = False, output: str = "", model: str = "", max_length: int = 2048,
-            seed: int = 0, images: ImagePolicy = ImagePolicy(), prompt_format: str = "auto") -> dict:
+            seed: int = 0, images: ImagePolicy = ImagePolicy(), prompt_format: str = "auto",
+            truncation: str = "drop") -> dict:
     """Validate ``data`` for ``objective``; returns the report that the command prints.
 
     The special tokens checked are ``model``'s, or without one the tiny model's (LLaVA-1.5's); a
-    text model's data is read as text preference data.
+    text model's data is read as text preference data.  With ``model``, records too long for
+    ``max_length`` under ``truncation`` are bad records (``too_long``), as training finds them;
+    without one lengths are not checked (the tiny model's say nothing about another's).
     """
     processor = load_processor_for(model or "tiny")
     text_only = not hasattr(processor, "image_processor")
+    collate = dict(max_length=max_length, truncation=truncation, seed=seed, prompt_format=prompt_format)
+    check = record_check(processor, seed, crop=objective == "mdpo", objective=objective if model else None,
+                         collate=collate)
     dataset = formats.load_dataset(data, data_format, objective=objective, image_root=image_root,
-                                   skip_bad_records=skip_bad_records, images=images,
-                                   check=record_check(processor, seed, crop=objective == "mdpo"), text_only=text_only)
+                                   skip_bad_records=skip_bad_records, images=images, check=check, text_only=text_only)
     report = {
         "source": dataset.source,
         "format": formats.detect_format(data) if data_format == "auto" else data_format,

@@ -92,21 +92,36 @@ class MetricsLogger:
             self.tb.close()
 
 
-def _rows(path: Path) -> list[tuple[str, dict]]:
+def _rows(path: Path, warn: bool = True) -> list[tuple[str, dict]]:
     """``(line, row)`` of every complete row.  A process killed while it appended a row leaves that
-    last line torn: it is dropped (its step is run again on resume), with a warning."""
+    last line torn: it is dropped (its step is run again on resume), with a warning; a broken row
+    anywhere else raises, naming the line."""
+    if not path.is_file():  # a FIFO named metrics.jsonl would block read_text forever
+        raise ValueError(f"{path} is not a regular file: move it away")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     rows = []
     for i, ln in enumerate(lines):
         try:
-            rows.append((ln, json.loads(ln)))
-        except ValueError:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row")
+            rows.append((ln, row))
+        except (ValueError, RecursionError):
             if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not a JSON row, and not a torn last line either: "
-                                 "repair or remove it") from None
-            warnings.warn(f"{path}: dropping its torn last line (the run was killed while writing it)",
-                          RuntimeWarning, stacklevel=3)
+                raise ValueError(f"{path}: line {i + 1} is not a JSON row with a step, and not a torn last line "
+                                 "either: repair or remove it") from None
+            if warn:
+                warnings.warn(f"{path}: dropping its torn last line (the run was killed while writing it)",
+                              RuntimeWarning, stacklevel=3)
     return rows
+
+
+def check_metrics(path: Path) -> None:
+    """Raises when a resume could not truncate ``path`` (a broken row before its last line):
+    called before the run writes anything, so that config.yaml is not rewritten for a run that
+    then stops.  Every process reads it (all of them must stop alike)."""
+    if path.exists():
+        _rows(path, warn=False)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
