@@ -237,6 +237,13 @@ def random_resized_crop(pixels: torch.Tensor, area: tuple[float, float] = CROP_A
     return out[0].to(pixels.dtype)
 
 
+def seeded_crop(image, seed: int):
+    """mDPO's m_l of ``image`` as the collator draws it (``mdpo_crop="seeded"``): a function of the
+    seed and the pixels only, so a record gets the same crop in every batch and epoch."""
+    rng = random.Random(hashlib.sha256(f"{seed}:".encode() + _image_digest(image)).digest())
+    return random_crop(image, rng)
+
+
 def _image_digest(image) -> bytes:
     return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).digest()
 
@@ -293,6 +300,8 @@ class PreferenceCollator:
             self.format = prompts.Conversation(tok, system_prompt) if tok.chat_template is not None else None
             self._as_written = prompts.Completion(tok)
         self.prompt_format = self.format.name if self.format is not None else "as_written"
+        self._fixed_count: int | None = None  # placeholder counts, for measure()
+        self._counts: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------------------------------
 
@@ -358,9 +367,7 @@ class PreferenceCollator:
                 if name == "crop" and self.mdpo_crop == "official":
                     image, key = r["image"], _image_digest(r["image"]) + b"crop on every forward"
                 elif name == "crop":
-                    digest = _image_digest(r["image"])
-                    rng = random.Random(hashlib.sha256(f"{self.seed}:".encode() + digest).digest())
-                    image = random_crop(r["image"], rng)
+                    image = self._crop(r["image"])
                     key = _image_digest(image)
                 else:
                     image = r[name]
@@ -396,13 +403,18 @@ class PreferenceCollator:
                    for i, (d, g) in enumerate(zip(raw, grids, strict=True))]
         return per_record, images, counts, digests, recrop
 
+    def _lengths(self, enc: prompts.Encoded, img: list[int], counts: list[int]) -> dict[int, int]:
+        """Each column's sequence length, image placeholders expanded."""
+        expand = self.has_images
+        return {k: len(enc.prompt) + (counts[img[k]] - 1 if expand else 0) + len(enc.responses[ROLE_TEXT[k]])
+                for k in self.columns}
+
     def _fit(self, enc: prompts.Encoded, img: list[int], counts: list[int]):
         """``(prompt ids, {column: response ids}, truncated)`` within ``max_length``, or None to drop."""
         ids, (q0, q1) = enc.prompt, enc.question_span
         at = ids.index(self.image_token_id) if self.has_images else None
         resp = {k: enc.responses[ROLE_TEXT[k]] for k in self.columns}
-        image_tokens = {k: counts[img[k]] - 1 if at is not None else 0 for k in self.columns}
-        lengths = {k: len(ids) + image_tokens[k] + len(resp[k]) for k in self.columns}
+        lengths = self._lengths(enc, img, counts)
         over = max(lengths.values()) - self.max_length
         if over <= 0:
             return ids, at, resp, False
@@ -414,6 +426,43 @@ class PreferenceCollator:
         if self.truncation == "drop" or q1 - q0 - over < 1:
             return None
         return ids[: q1 - over] + ids[q1:], at, resp, True
+
+    def _count(self, image) -> int:
+        """``image``'s placeholder count, from the processor, without keeping its pixels: one count
+        for a fixed-size family (its processor returns no patch grid), one per image size for a
+        dynamic-resolution one (the count is a function of the size)."""
+        if self._fixed_count is not None:
+            return self._fixed_count
+        if image.size not in self._counts:
+            out = self.processor(text=[self.image_token], images=[image], return_tensors="pt")
+            n = int((out["input_ids"] == self.image_token_id).sum())
+            if out.get("image_grid_thw") is None:
+                self._fixed_count = n
+            self._counts[image.size] = n
+        return self._counts[image.size]
+
+    def measure(self, record: dict) -> tuple[bool, int, int]:
+        """``(kept, longest sequence, prompt tokens)`` of ``record`` as :meth:`__call__` would
+        collate it (image tokens included), at the cost of its tokenization: no pixel is
+        processed.  The read-time length check of the trainer and ``prepare-data``."""
+        self._check([record])
+        images, img = [], [-1] * NUM_ROLES
+        for k in self.columns:
+            name = ROLE_IMAGE[self.objective][k] if self.has_images else None
+            if name is None:
+                continue
+            image = record["image"] if name == "crop" and self.mdpo_crop == "official" else (
+                self._crop(record["image"]) if name == "crop" else record[name])
+            img[k] = len(images)
+            images.append(image)
+        counts = [self._count(im) for im in images]
+        enc = self._encode(record)
+        lengths = self._lengths(enc, img, counts)
+        prompt = max(lengths[k] - len(enc.responses[ROLE_TEXT[k]]) for k in self.columns)
+        return self._fit(enc, img, counts) is not None, max(lengths.values()), prompt
+
+    def _crop(self, image):
+        return seeded_crop(image, self.seed)
 
     def __call__(self, records) -> PreferenceBatch:
         self._check(records)

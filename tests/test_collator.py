@@ -204,3 +204,27 @@ def test_bad_fields_say_what_is_wrong(processor):
 def test_bad_options(processor, kwargs, match):
     with pytest.raises(ValueError, match=match):
         PreferenceCollator(processor, **kwargs)
+
+
+@pytest.mark.parametrize("objective", ["symmpo", "mdpo", "dpo"])
+@pytest.mark.parametrize("truncation", ["drop", "question", "right"])
+def test_measure_agrees_with_collation_without_the_pixels(processor, objective, truncation, monkeypatch):
+    """The read-time length check (measure) keeps and drops exactly the records the collator does,
+    with the same lengths, and runs the image processor once for a fixed-size family."""
+    records = make_records(12, seed=31, question_words=(2, 30), answer_words=(0, 20))
+    full = PreferenceCollator(processor, objective, max_length=10**6)
+    lengths = [max(len(p) + len(r) for p, r in zip(b.prompt_ids[0], b.response_ids[0]) if p is not None)
+               for b in (full([r]) for r in records)]
+    limit = sorted(lengths)[len(lengths) // 2]
+    collate = PreferenceCollator(processor, objective, max_length=limit, truncation=truncation)
+    calls = []
+    real = collate.processor.__class__.__call__
+    monkeypatch.setattr(collate.processor.__class__, "__call__",
+                        lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    measured = [collate.measure(r) for r in records]
+    assert len(calls) == 1
+    monkeypatch.undo()
+    for r, (kept, longest, _), n in zip(records, measured, lengths, strict=True):
+        assert kept == (collate([r]).num_records == 1) and longest == n
+    if truncation == "drop":  # the limit is the median: both outcomes are exercised
+        assert 0 < sum(k for k, _, _ in measured) < len(records)

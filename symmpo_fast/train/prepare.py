@@ -12,9 +12,7 @@ same processor (for the lengths: ``--model``'s, with the run's ``--max-length`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import re
 from pathlib import Path
 
@@ -47,10 +45,9 @@ def special_texts(processor) -> tuple[str, ...]:
 
 def mdpo_crop(image, seed: int):
     """mDPO's m_l of ``image`` exactly as the collator draws it: seeded by ``seed`` and the pixels."""
-    from ..data import _image_digest, random_crop
+    from ..data import seeded_crop
 
-    rng = random.Random(hashlib.sha256(f"{seed}:".encode() + _image_digest(image)).digest())
-    return random_crop(image, rng)
+    return seeded_crop(image, seed)
 
 
 _LENGTH_FIX = {
@@ -61,12 +58,6 @@ _LENGTH_FIX = {
 }
 
 
-def _longest(batch) -> tuple[int, int]:
-    """The longest sequence of a one-record batch and the longest prompt, in tokens."""
-    pairs = [(len(p), len(r)) for p, r in zip(batch.prompt_ids[0], batch.response_ids[0]) if p is not None]
-    return max(p + r for p, r in pairs), max(p for p, _ in pairs)
-
-
 def length_check(processor, objective: str, collate: dict) -> formats.Check:
     """A record that the run's collator (``collate``: its options, max_length and truncation
     among them) would drop as too long: ``too_long``, found when the data is read, instead of a
@@ -75,23 +66,21 @@ def length_check(processor, objective: str, collate: dict) -> formats.Check:
     else mDPO's), as the held-out evaluation collates it."""
     from ..data import PreferenceCollator
 
-    collators: dict[tuple[str, bool], PreferenceCollator] = {}
+    collators: dict[str, PreferenceCollator] = {}
 
-    def collator(name: str, limited: bool) -> PreferenceCollator:
-        if (name, limited) not in collators:
-            options = collate if limited else {**collate, "max_length": 10**9}
-            collators[name, limited] = PreferenceCollator(processor, name, **options)
-        return collators[name, limited]
+    def collator(name: str) -> PreferenceCollator:
+        if name not in collators:
+            collators[name] = PreferenceCollator(processor, name, **collate)
+        return collators[name]
 
     def check(rec: dict) -> None:
         name = objective
         if name == "eval":
             name = ("symmpo" if "contrast_image" in rec and "contrast_chosen" in rec else
                     "mdpo" if "image" in rec else "dpo")
-        if not collator(name, True)([rec]).num_dropped:
+        kept, longest, prompt = collator(name).measure(rec)  # tokenization only, no pixel processed
+        if kept:
             return
-        # The record is dropped: measure it once more without the limit, for the message.
-        longest, prompt = _longest(collator(name, False)([rec]))
         policy = collate.get("truncation", "drop")
         raise RecordProblem("too_long", f"its longest sequence is {longest} tokens (prompt {prompt}, image tokens "
                             f"included), above max_length={collate['max_length']} with truncation={policy}",
