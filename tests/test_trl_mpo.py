@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
+from peft import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
@@ -37,10 +37,9 @@ from symmpo_fast.prompts import LLAVA_V1_SYSTEM  # noqa: E402
 from symmpo_fast.models import adapter_for, build_tiny_llava, unwrap  # noqa: E402
 from symmpo_fast.train import TrainConfig, train  # noqa: E402
 from symmpo_fast.train.loop import StepSchedule  # noqa: E402
-from trl_helpers import (assistant_turn, grad_errors, mpo_config, mpo_rows, mpo_trainer, perturbed,  # noqa: E402
-                         synthetic_records, user_turn)
+from trl_helpers import (assistant_turn, grad_errors, mpo_config, mpo_lora, mpo_rows, mpo_trainer,  # noqa: E402
+                         perturbed, synthetic_records, user_turn)
 
-LORA_MODULES = TrainConfig().lora_target_modules
 STEPS, GLOBAL, MICRO = 3, 4, 2
 # Metrics: 1e-4 relative; rewards and margins near 0 (beta times differences of fp32 sums of
 # ~50 nats, whose resolution is 3.8e-6) within 2e-6 absolute, as for FusedDPOTrainer.
@@ -50,15 +49,6 @@ REL, ABS = 1e-4, 2e-6
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny_llava(seed=0)
-
-
-def lora(random_b: bool = False) -> LoraConfig:
-    """Our trainer's adapter on the tiny LLaVA (r 8, alpha 16, no dropout, the language model's
-    linear layers); ``random_b``: B random too, so that the policy differs from its adapter-off
-    reference from the first step."""
-    model = build_tiny_llava()[0]
-    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=adapter_for(model).lora_target_regex(
-        LORA_MODULES), **({"init_lora_weights": False} if random_b else {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +92,7 @@ def _theirs(tmp_path: Path, objective: str, finetune: str, reference: str, shift
         for module in adapter_for(model).full_finetune_modules():
             module.requires_grad_(True)
     trainer = mpo_trainer(objective, model, rows, processor, tmp_path / ("shifted" if shift else "theirs"),
-                          peft_config=lora() if finetune == "lora" else None,
+                          peft_config=mpo_lora() if finetune == "lora" else None,
                           precompute_ref_log_probs=reference == "cache", per_device_train_batch_size=MICRO,
                           gradient_accumulation_steps=GLOBAL // MICRO, max_steps=STEPS)
     trainer.train()
@@ -182,7 +172,7 @@ def test_one_batch_equals_forward_preference(tiny, tmp_path, objective, referenc
     ref_model = perturbed(model, seed=1) if reference == "ref_model" else None
     original = copy.deepcopy(model)
     trainer = mpo_trainer(objective, model, rows, processor, tmp_path, ref_model=ref_model,
-                          peft_config=lora(random_b=True) if reference == "adapter" else None,
+                          peft_config=mpo_lora(random_b=True) if reference == "adapter" else None,
                           precompute_ref_log_probs=reference == "precomputed")
     assert trainer.precompute_ref_logps == (reference == "precomputed")
     assert (trainer.ref_model is None) == (reference in ("adapter", "precomputed"))

@@ -218,3 +218,17 @@ def mpo_trainer(objective: str, model, rows, processor, out, ref_model=None, pef
         warnings.simplefilter("ignore")
         return cls(model=model, ref_model=ref_model, args=mpo_config(objective, out, **config), train_dataset=rows,
                    processing_class=processor, peft_config=peft_config)
+
+
+def mpo_lora(random_b: bool = False):
+    """symmpo-fast's trainer's adapter on the tiny LLaVA (r 8, alpha 16, no dropout, the default
+    linear layers of the language model); ``random_b``: B random too, so that the policy differs
+    from its adapter-off reference from the first step."""
+    from peft import LoraConfig
+
+    from symmpo_fast.models import adapter_for, build_tiny_llava
+    from symmpo_fast.train import TrainConfig
+
+    regex = adapter_for(build_tiny_llava()[0]).lora_target_regex(TrainConfig().lora_target_modules)
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=regex,
+                      **({"init_lora_weights": False} if random_b else {}))
