@@ -2,8 +2,9 @@
 
 * Against symmpo-fast's own trainer (``symmpo_fast.train.train``) on the same records in the same
   order, seeds and settings (AdamW, gradient accumulation, 3 steps): every logged loss, metric and
-  gradient norm within 1e-4, and the same final weights; for LoRA (reference: the adapter off),
-  full fine-tuning (reference: a frozen copy) and precomputed reference log-probs.
+  gradient norm within 1e-4, and the same final weights; for LoRA (reference: the adapter off; once
+  with gradient checkpointing), full fine-tuning (reference: a frozen copy) and precomputed
+  reference log-probs.  A run given other records per step misses by far.
 * One batch against a direct ``sf.layouts.forward_preference``: loss and every gradient, for each
   kind of reference; a deliberately wrong objective is caught by the same comparison.
 * TRL's conversational rows become exactly the collator's records (llava_v1 input), each image
@@ -24,7 +25,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from peft import get_peft_model_state_dict  # noqa: E402
+from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from trl import DPOTrainer  # noqa: E402
 
@@ -34,7 +35,7 @@ from symmpo_fast.integrations.trl import (MDPOConfig, MDPOTrainer, SymMPOConfig,
                                           UnsupportedOptionError)
 from symmpo_fast.layouts import forward_preference, reference_logps  # noqa: E402
 from symmpo_fast.prompts import LLAVA_V1_SYSTEM  # noqa: E402
-from symmpo_fast.models import adapter_for, build_tiny_llava, unwrap  # noqa: E402
+from symmpo_fast.models import adapter_for, build_tiny, build_tiny_llava, unwrap  # noqa: E402
 from symmpo_fast.train import TrainConfig, train  # noqa: E402
 from symmpo_fast.train.loop import StepSchedule  # noqa: E402
 from trl_helpers import (assistant_turn, grad_errors, mpo_config, mpo_lora, mpo_rows, mpo_trainer,  # noqa: E402
@@ -54,18 +55,19 @@ def tiny():
 # ----------------------------------------------------------------------------------------------
 # the same run as symmpo-fast's own trainer
 
-CASES = {  # id: (objective, finetune, our trainer's reference, TRL side: peft / precompute)
-    "symmpo-lora-adapter": ("symmpo", "lora", "adapter"),
-    "symmpo-full-copy": ("symmpo", "full", "copy"),
-    "symmpo-full-precomputed": ("symmpo", "full", "cache"),
-    "mdpo-lora-adapter": ("mdpo", "lora", "adapter"),
-    "mdpo-full-copy": ("mdpo", "full", "copy"),
+CASES = {  # id: (objective, finetune, our trainer's reference (cache: TRL's precompute), gradient checkpointing)
+    "symmpo-lora-adapter": ("symmpo", "lora", "adapter", False),
+    "symmpo-full-copy": ("symmpo", "full", "copy", False),
+    "symmpo-full-precomputed": ("symmpo", "full", "cache", False),
+    "mdpo-lora-adapter-checkpointing": ("mdpo", "lora", "adapter", True),
+    "mdpo-full-copy": ("mdpo", "full", "copy", False),
 }
 
 
-def _ours(tmp_path: Path, objective: str, finetune: str, reference: str) -> tuple[list[dict], Path]:
+def _ours(tmp_path: Path, objective: str, finetune: str, reference: str, checkpointing: bool):
     cfg = TrainConfig(output_dir=str(tmp_path / "ours"), model="tiny", data="synthetic", objective=objective,
-                      finetune=finetune, reference=reference, synthetic_records=STEPS * GLOBAL, max_steps=STEPS,
+                      finetune=finetune, reference=reference, gradient_checkpointing=checkpointing,
+                      synthetic_records=STEPS * GLOBAL, max_steps=STEPS,
                       global_batch_size=GLOBAL, micro_batch_size=MICRO, learning_rate=2e-3, lr_scheduler="constant",
                       warmup_ratio=0.0, lora_r=8, lora_alpha=16, lora_dropout=0.0, max_grad_norm=1.0, seed=0,
                       progress=False, tensorboard=False)
@@ -78,7 +80,7 @@ def _ours(tmp_path: Path, objective: str, finetune: str, reference: str) -> tupl
     return rows, tmp_path / "ours" / "final"
 
 
-def _theirs(tmp_path: Path, objective: str, finetune: str, reference: str, shift: bool = False):
+def _theirs(tmp_path: Path, objective: str, finetune: str, reference: str, checkpointing: bool, shift: bool = False):
     """The TRL trainer on the same records, in the order our trainer's schedule takes them
     (``shift``: each step gets the next step's records, a deliberate mismatch)."""
     schedule = StepSchedule(STEPS * GLOBAL, GLOBAL, MICRO, world=1, rank=0, seed=0)
@@ -93,7 +95,8 @@ def _theirs(tmp_path: Path, objective: str, finetune: str, reference: str, shift
             module.requires_grad_(True)
     trainer = mpo_trainer(objective, model, rows, processor, tmp_path / ("shifted" if shift else "theirs"),
                           peft_config=mpo_lora() if finetune == "lora" else None,
-                          precompute_ref_log_probs=reference == "cache", per_device_train_batch_size=MICRO,
+                          precompute_ref_log_probs=reference == "cache", gradient_checkpointing=checkpointing,
+                          per_device_train_batch_size=MICRO,
                           gradient_accumulation_steps=GLOBAL // MICRO, max_steps=STEPS)
     trainer.train()
     return trainer, [r for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
@@ -102,9 +105,10 @@ def _theirs(tmp_path: Path, objective: str, finetune: str, reference: str, shift
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_equals_our_trainer(tmp_path, case):
-    objective, finetune, reference = CASES[case]
-    want, final = _ours(tmp_path, objective, finetune, reference)
-    trainer, got = _theirs(tmp_path, objective, finetune, reference)
+    want, final = _ours(tmp_path, *CASES[case])
+    trainer, got = _theirs(tmp_path, *CASES[case])
+    objective, finetune, reference, checkpointing = CASES[case]
+    assert trainer.model.is_gradient_checkpointing == checkpointing
     assert trainer.precompute_ref_logps == (reference == "cache")
     assert (trainer.ref_model is not None) == (reference == "copy")
     assert len(want) == len(got) == STEPS
@@ -129,7 +133,7 @@ def test_equals_our_trainer(tmp_path, case):
                 for k in ours)  # measured: 0 (bit-identical) in every case
     assert worst < 1e-4, worst
     if case == "symmpo-full-copy":  # the comparison can fail: other records in each step miss by far
-        _, wrong = _theirs(tmp_path, objective, finetune, reference, shift=True)
+        _, wrong = _theirs(tmp_path, *CASES[case], shift=True)
         assert all(abs(g["loss"] - w["loss"]) / w["loss"] > 1e-3 for w, g in zip(want[1:], wrong[1:])), wrong
 
 
@@ -181,7 +185,6 @@ def test_one_batch_equals_forward_preference(tiny, tmp_path, objective, referenc
             for p in trainer.model.parameters():
                 p.add_(0.3 * p.std() * torch.randn_like(p))
     batch = _first_batch(trainer)
-    cfg = trainer._sf_cfg
     # The direct pass: its own copy of the policy, and the reference computed here.  TRL's fused
     # head is an instance forward whose closure holds the original model: the copy drops it.
     policy = copy.deepcopy(trainer.model)
@@ -193,6 +196,13 @@ def test_one_batch_equals_forward_preference(tiny, tmp_path, objective, referenc
     if reference == "precomputed":
         table = torch.stack([trainer._sf_ref_logps[k] for k in batch.record_keys])
         torch.testing.assert_close(table, ref, rtol=1e-6, atol=1e-5)
+    _check_one_batch(trainer, policy, batch, ref, objective)
+
+
+def _check_one_batch(trainer, policy, batch, ref, objective):
+    """The trainer's loss, metrics and gradients on ``batch`` against forward_preference on ``policy``
+    (a copy of the trainer's) with ``ref``; measured bit-identical."""
+    cfg = trainer._sf_cfg
     l0, g0, m0 = _direct(policy, batch, cfg, ref)
     l1, g1, m1 = _trainer_step(trainer, batch)
     assert abs(l0 - (4 if objective == "symmpo" else 3) * math.log(2)) > 1e-3, "policy == reference: too weak"
@@ -205,6 +215,25 @@ def test_one_batch_equals_forward_preference(tiny, tmp_path, objective, referenc
     # A deliberately wrong objective (beta 0.2) misses by far more than those tolerances.
     l2, g2, _ = _direct(policy, batch, sf.ObjectiveConfig(**{**vars(cfg), "beta": 0.2}), ref)
     assert abs(l2 - l0) / l0 > 1e-4 and max(grad_errors(g2, g0).values()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_qwen_vl_one_batch_equals_forward_preference(tmp_path, name):
+    """The other families through the same trainer: the prompt is the processor's chat template
+    (the same ids as the collator gives the records), LoRA on the language model, adapter off."""
+    model, processor = build_tiny(name)
+    records = synthetic_records(3)
+    regex = adapter_for(model).lora_target_regex(TrainConfig().lora_target_modules)
+    trainer = mpo_trainer("symmpo", model, mpo_rows(records), processor, tmp_path,
+                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=regex, init_lora_weights=False),
+                          per_device_train_batch_size=3)
+    batch = _first_batch(trainer)
+    assert batch.record_keys == PreferenceCollator(processor, "symmpo")(records).record_keys
+    assert processor.tokenizer.decode(batch.prompt_ids[0][0]).endswith(
+        f"<|vision_end|>{records[0]['question']}<|im_end|>\n<|im_start|>assistant\n")
+    policy = copy.deepcopy(trainer.model)
+    del unwrap(policy).forward  # as above
+    _check_one_batch(trainer, policy, batch, reference_logps(policy, batch), "symmpo")
 
 
 # ----------------------------------------------------------------------------------------------
