@@ -207,6 +207,7 @@ def _check_one_batch(trainer, policy, batch, ref, objective):
     l1, g1, m1 = _trainer_step(trainer, batch)
     assert abs(l0 - (4 if objective == "symmpo" else 3) * math.log(2)) > 1e-3, "policy == reference: too weak"
     assert l1 == pytest.approx(l0, rel=1e-6)
+    assert m1.pop("dropped") == m1.pop("truncated") == 0
     assert m1.keys() == m0.keys()
     for k in m0:
         assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-6), k
@@ -354,7 +355,7 @@ def test_bad_settings_and_rows_raise_naming_them(tiny, tmp_path):
                           train_dataset=mpo_rows(synthetic_records(2)), processing_class=processor,
                           **{option: lambda *a: None})
     rows = mpo_rows(synthetic_records(3))
-    with pytest.raises(ValueError, match=r"train row 0 has no 'contrast_chosen' column"):
+    with pytest.raises(ValueError, match=r"train has no 'contrast_chosen' column, which symmpo needs"):
         mpo_trainer("symmpo", copy.deepcopy(model), rows.remove_columns("contrast_chosen"), processor, tmp_path)
     with pytest.raises(ValueError, match=r"train has no 'contrast_images' column"):
         mpo_trainer("symmpo", copy.deepcopy(model), rows.remove_columns("contrast_images"), processor, tmp_path)
@@ -365,3 +366,39 @@ def test_bad_settings_and_rows_raise_naming_them(tiny, tmp_path):
     trainer = mpo_trainer("symmpo", copy.deepcopy(model), rows, processor, tmp_path)
     with pytest.raises(ValueError, match=r"row 1 of the batch: 'images' holds 2 images"):
         trainer.data_collator([rows[0], {**rows[1], "images": rows[1]["images"] * 2}])
+
+
+def test_evaluate_with_a_precomputed_reference(tiny, tmp_path):
+    """The eval set's reference is precomputed with the training set's; evaluate() logs the loss
+    and metrics of forward_preference over it; a data set given to evaluate() is precomputed then."""
+    records = synthetic_records(6)
+    trainer = SymMPOTrainer(model=copy.deepcopy(tiny[0]), args=mpo_config(
+        "symmpo", tmp_path, precompute_ref_log_probs=True, per_device_eval_batch_size=2),
+        train_dataset=mpo_rows(records[:4]), eval_dataset=mpo_rows(records[4:]), processing_class=tiny[1],
+        peft_config=mpo_lora(random_b=True))
+    assert len(trainer._sf_ref_logps) == 6
+    got = trainer.evaluate()
+    policy = copy.deepcopy(trainer.model).eval()
+    del unwrap(policy).forward  # TRL's fused head: see test_one_batch_equals_forward_preference
+    batch = PreferenceCollator(tiny[1], "symmpo")(records[4:])
+    with torch.no_grad():
+        loss, metrics = forward_preference(policy, batch, trainer._sf_cfg, reference_logps(policy, batch))
+    assert got["eval_loss"] == pytest.approx(float(loss), rel=1e-6)
+    for k in ("loss/pair", "rewards/contrast_chosen", "accuracy/dpo"):
+        assert got[f"eval_{k}"] == pytest.approx(float(metrics[k]), rel=1e-5, abs=1e-6), k
+    more = trainer.evaluate(mpo_rows(synthetic_records(2, split="heldout")))
+    assert len(trainer._sf_ref_logps) == 8 and math.isfinite(more["eval_loss"])
+    with pytest.raises(ValueError, match="returns no logits"):
+        trainer.predict(mpo_rows(records[4:]))
+
+
+def test_records_longer_than_max_length_are_dropped_and_counted(tiny, tmp_path):
+    records = synthetic_records(4)
+    records[1] = {**records[1], "chosen": "yes " * 200}  # ~400 tokens: longer than max_length
+    trainer = mpo_trainer("symmpo", copy.deepcopy(tiny[0]), mpo_rows(records), tiny[1], tmp_path, max_length=256,
+                          max_steps=2)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
+    assert [r["dropped"] for r in rows] == [1, 1] and [r["truncated"] for r in rows] == [0, 0]
+    with pytest.raises(ValueError, match="the batch holds no record"):
+        trainer.compute_loss(trainer.model, trainer.data_collator([mpo_rows(records)[1]]))

@@ -36,7 +36,8 @@ evaluation, callbacks and distributed set-up.  What is ours is the data path and
   ``truncation_mode``, ``torch_compile``) raise :class:`UnsupportedOptionError` naming the option.
 * Metrics: the names and values symmpo-fast's own trainer logs (``loss/dpo``, ``loss/pair``,
   ``rewards/chosen``, ``accuracy/dpo``, ``margin/pair_m``, ``packing/fill``, ...), means over the
-  records of the step on every process.
+  records of the step on every process, and ``dropped`` / ``truncated``: the records that
+  ``max_length`` dropped or cut so far.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def check_options(args: _PreferenceConfig) -> None:
                                   "right); images are never cut")
     refuse_common(args, trainer, instead)
     for name in ("truncation", "prompt_format", "packing") + (("mdpo_crop",) if args.objective == "mdpo" else ()):
-        choices = next(f.metadata["choices"] for f in args.__dataclass_fields__.values() if f.name == name)
+        choices = args.__dataclass_fields__[name].metadata["choices"]
         if getattr(args, name) not in choices:
             raise ValueError(f"{type(args).__name__}.{name} must be one of {choices}, got {getattr(args, name)!r}")
     if args.max_length is not None and (not isinstance(args.max_length, int) or args.max_length < 1):
@@ -335,6 +336,7 @@ class _PreferenceTrainer(DPOTrainer):
             adapter_for(model)  # a supported family, or a TypeError naming them
         self._sf_cfg = args.objective_config()
         self._sf_ref_logps: dict[str, torch.Tensor] = {}
+        self._sf_counts = {mode: {"dropped": 0, "truncated": 0} for mode in ("train", "eval")}
         self._sf_checked = False
         peft = peft_config is not None or is_peft_model(model)
         if ref_model is None and not peft and not args.precompute_ref_log_probs and not isinstance(model, str):
@@ -369,23 +371,20 @@ class _PreferenceTrainer(DPOTrainer):
         self._sf_checked = True
 
     def _check_rows(self, dataset: Dataset, name: str, image_token: str) -> None:
-        """Every row's texts map onto a record (images are checked when collated): a bad row is
-        named by its index before anything is trained."""
+        """The columns are there and every row's texts map onto a record (images are checked when
+        collated): a bad row is named by its index before anything is trained."""
         objective = self.config_class.objective
-        columns = [c for c in _TEXT_COLUMNS[objective] if c in dataset.column_names]
-        for i, row in enumerate(dataset.select_columns(columns)):
+        needed = [*_TEXT_COLUMNS[objective], *(_IMAGE_COLUMNS[f] for f in _RECORD_IMAGES[objective])]
+        for column in needed:  # a text column's name, or an image field's (plural, singular) names
+            names = column if isinstance(column, tuple) else (column,)
+            if not set(names) & set(dataset.column_names):
+                raise ValueError(f"{name} has no {names[0]!r} column, which {objective} needs; columns: "
+                                 f"{dataset.column_names}")
+        for i, row in enumerate(dataset.select_columns(list(_TEXT_COLUMNS[objective]))):
             where = f"{name} row {i}"
-            for c in _TEXT_COLUMNS[objective]:
-                if c not in row:
-                    raise ValueError(f"{where} has no {c!r} column, which {objective} needs; columns: "
-                                     f"{dataset.column_names}")
             _prompt(row["prompt"], image_token, f"{where}: 'prompt'")
             for c in _TEXT_COLUMNS[objective][1:]:
                 _answer(row[c], f"{where}: {c!r}")
-        for field_name in _RECORD_IMAGES[objective]:
-            if not set(_IMAGE_COLUMNS[field_name]) & set(dataset.column_names):
-                raise ValueError(f"{name} has no {_IMAGE_COLUMNS[field_name][0]!r} column, which {objective} needs; "
-                                 f"columns: {dataset.column_names}")
 
     # ------------------------------------------------------------------------------------------
     # TRL's hooks
@@ -451,17 +450,26 @@ class _PreferenceTrainer(DPOTrainer):
         # in for: the pass runs under it explicitly.
         with self.accelerator.autocast():
             loss, metrics = call_in_forward(model, run)
-        self._log_metrics(mode, batch.num_records, metrics)
+        self._log_metrics(mode, batch, metrics)
         return loss
 
-    def _log_metrics(self, mode: str, records: int, metrics: dict[str, torch.Tensor]) -> None:
-        """Each metric's mean over the records of every process (the loss is the Trainer's to log)."""
+    def _log_metrics(self, mode: str, batch, metrics: dict[str, torch.Tensor]) -> None:
+        """Each metric's mean over the records of every process (the loss is the Trainer's to log),
+        and how many records the collator dropped or truncated so far (``max_length``), in total."""
         names = [k for k in metrics if k != "loss"]
-        local = torch.stack([metrics[k].detach().float().reshape(()) for k in names]
-                            + [torch.ones((), device=metrics[names[0]].device)]) * records
-        sums = self.accelerator.gather(local[None]).sum(0)  # one collective, one host sync per micro-batch
-        for k, v in zip(names, (sums[:-1] / sums[-1]).tolist()):
-            self._metrics[mode][k].append(v)
+        device = metrics[names[0]].device
+        local = torch.cat([torch.stack([metrics[k].detach().float().reshape(()) for k in names]) * batch.num_records,
+                           torch.tensor([batch.num_records, batch.num_dropped, batch.num_truncated],
+                                        dtype=torch.float32, device=device)])
+        sums = self.accelerator.gather(local[None]).sum(0).tolist()  # one collective, one host sync per micro-batch
+        records, dropped, truncated = sums[len(names):]
+        for k, v in zip(names, sums):
+            self._metrics[mode][k].append(v / records)
+        totals = self._sf_counts[mode]
+        totals["dropped"] += int(dropped)
+        totals["truncated"] += int(truncated)
+        for k, v in totals.items():
+            self._metrics[mode][k] = [v]
 
 
 class SymMPOTrainer(_PreferenceTrainer):
@@ -475,6 +483,16 @@ class SymMPOTrainer(_PreferenceTrainer):
     config_class = SymMPOConfig
     _tag_names = [*DPOTrainer._tag_names, "symmpo-fast", "symmpo"]
     _name = "SymMPO"
+    _paper = {  # the model card's citation, as the official repository gives it
+        "title": "Mitigating Hallucination Through Theory-Consistent Symmetric Multimodal Preference Optimization",
+        "id": "2506.11712",
+        "citation": "@article{liu2025mitigating,\n"
+                    "  title={Mitigating Hallucination Through Theory-Consistent Symmetric Multimodal Preference "
+                    "Optimization},\n"
+                    "  author={Liu, Wenqi and Song, Xuemeng and Li, Jiaxi and Wei, Yinwei and Zheng, Na and Yin, "
+                    "Jianhua and Nie, Liqiang},\n"
+                    "  journal={arXiv preprint arXiv:2506.11712},\n  year={2025}\n}",
+    }
 
 
 class MDPOTrainer(_PreferenceTrainer):
@@ -487,3 +505,12 @@ class MDPOTrainer(_PreferenceTrainer):
     config_class = MDPOConfig
     _tag_names = [*DPOTrainer._tag_names, "symmpo-fast", "mdpo"]
     _name = "mDPO"
+    _paper = {
+        "title": "mDPO: Conditional Preference Optimization for Multimodal Large Language Models",
+        "id": "2406.11839",
+        "citation": "@article{wang2024mdpo,\n"
+                    "  title={mDPO: Conditional Preference Optimization for Multimodal Large Language Models},\n"
+                    "  author={Wang, Fei and Zhou, Wenxuan and Huang, James Y and Xu, Nan and Zhang, Sheng and "
+                    "Poon, Hoifung and Chen, Muhao},\n"
+                    "  journal={arXiv preprint arXiv:2406.11839},\n  year={2024}\n}",
+    }
