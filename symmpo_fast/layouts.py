@@ -41,6 +41,15 @@ FLEX_ROW_TOKENS = 16384
 """Default row budget with FlexAttention: masked blocks cost nothing, so long rows only save padding."""
 
 
+def outside_autocast(hidden: torch.Tensor):
+    """The context the fused head runs in: autocast off, inputs in the LM head weight's dtype.
+
+    Under autocast (a bf16 run with fp32 weights: full fine-tuning) the head's chunk matmuls would
+    come out in bf16 against the Functions' weight-dtype buffers (``index_copy_`` raises), and a
+    bf16 hidden state would meet an fp32 weight; the model's body still runs under autocast."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
 def _tree_mask(adapter: Adapter, rows, dtype: torch.dtype):
     impl = adapter.attn_implementation
     if impl == "flex_attention":
@@ -136,8 +145,9 @@ def sequence_logps(model, batch, packing: str = "shared_prefix", backend: str = 
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq = rows.labels, rows.seq_index
     weight, bias = adapter.output_head()
-    tok = token_logps(hidden, weight, labels, bias=bias, softcap=adapter.logit_softcap,
-                      temperature=adapter.logit_temperature, backend=backend)  # [T] fp32
+    with outside_autocast(hidden):
+        tok = token_logps(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=adapter.logit_softcap,
+                          temperature=adapter.logit_temperature, backend=backend)  # [T] fp32
     return _sequence_sums(tok, seq, batch.num_records, average)
 
 
@@ -189,8 +199,10 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq, real_tokens = rows.labels, rows.seq_index, rows.num_tokens
     weight, bias = adapter.output_head()
-    loss, metrics = fused_preference_loss(hidden, weight, labels, seq, ref_logps, cfg, backend=backend, bias=bias,
-                                          softcap=adapter.logit_softcap, temperature=adapter.logit_temperature)
+    with outside_autocast(hidden):
+        loss, metrics = fused_preference_loss(hidden.to(weight.dtype), weight, labels, seq, ref_logps, cfg,
+                                              backend=backend, bias=bias, softcap=adapter.logit_softcap,
+                                              temperature=adapter.logit_temperature)
     metrics["packing/rows"] = torch.tensor(float(rows.input_ids.shape[0]), device=loss.device)
     metrics["packing/fill"] = torch.tensor(real_tokens / rows.input_ids.numel(), device=loss.device)
     return loss, metrics

@@ -446,8 +446,9 @@ class _PreferenceTrainer(DPOTrainer):
         ref = self._reference(batch)
         run = functools.partial(forward_preference, inner_module(model), batch, self._sf_cfg, ref, self.args.packing,
                                 self.args.backend)
-        # The accelerator's autocast wraps the model's own forward, which call_in_forward stands
-        # in for: the pass runs under it explicitly.
+        # The accelerator's autocast wraps the model's own forward, which call_in_forward stands in
+        # for (and is absent before the model is prepared): the body runs under it here, the head
+        # outside it (layouts.outside_autocast), as in the reference pass.
         with self.accelerator.autocast():
             loss, metrics = call_in_forward(model, run)
         self._log_metrics(mode, batch, metrics)

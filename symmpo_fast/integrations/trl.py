@@ -234,7 +234,11 @@ class FusedDPOTrainer(DPOTrainer):
         stats = self._sf_options.logit_metrics or self._sf_cfg.average_logps
         run = functools.partial(fused_loss_pass, pretrained(inner_module(model)), pairs.head_inputs, ref_in,
                                 self._sf_cfg, self._sf_options.backend, stats, maybe_gather_lm_head_ctx)
-        loss, metrics, per_seq = call_in_forward(model, run, **self._model_kwargs(inputs))
+        # The accelerator's autocast wraps the model's own forward, which call_in_forward stands in
+        # for: without it a bf16 run would compute the policy's backbone in fp32, unlike stock's.
+        # The head runs outside it (layouts.outside_autocast), as in the reference pass.
+        with self.accelerator.autocast():
+            loss, metrics, per_seq = call_in_forward(model, run, **self._model_kwargs(inputs))
         self._log_fused_metrics(mode, inputs, pairs, counts, ref, metrics, per_seq)
         if return_outputs:
             warnings.warn("return_outputs=True (compute_metrics) recomputes the full logits with one more forward; "
