@@ -31,8 +31,7 @@ from trl import DPOTrainer  # noqa: E402
 
 import symmpo_fast as sf  # noqa: E402
 from symmpo_fast.data import PreferenceCollator  # noqa: E402
-from symmpo_fast.integrations.trl import (MDPOConfig, MDPOTrainer, SymMPOConfig, SymMPOTrainer,  # noqa: E402
-                                          UnsupportedOptionError)
+from symmpo_fast.integrations.trl import MDPOTrainer, SymMPOTrainer, UnsupportedOptionError  # noqa: E402
 from symmpo_fast.layouts import forward_preference, reference_logps  # noqa: E402
 from symmpo_fast.prompts import LLAVA_V1_SYSTEM  # noqa: E402
 from symmpo_fast.models import adapter_for, build_tiny, build_tiny_llava, unwrap  # noqa: E402
@@ -437,3 +436,16 @@ def test_bf16_mixed_precision(tiny, tmp_path, monkeypatch, finetune):
         monkeypatch.setattr(layouts, "outside_autocast", lambda hidden: contextlib.nullcontext())
         with pytest.raises(RuntimeError, match="same dtype"):
             run(True, tmp_path / "head-under-autocast")
+
+
+def test_a_model_given_by_its_directory(tiny, tmp_path):
+    """As TRL: a hub id or a directory loads the policy and the reference (a second load); the
+    processor comes from the same place; the first step is the policy == reference value."""
+    tiny[0].save_pretrained(tmp_path / "model")
+    tiny[1].save_pretrained(tmp_path / "model")
+    trainer = SymMPOTrainer(model=str(tmp_path / "model"), args=mpo_config("symmpo", tmp_path / "out", max_steps=1),
+                            train_dataset=mpo_rows(synthetic_records(2)))
+    assert type(trainer.ref_model).__name__ == "LlavaForConditionalGeneration"
+    assert type(trainer.processing_class).__name__ == "LlavaProcessor"
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(4 * math.log(2), abs=1e-5)

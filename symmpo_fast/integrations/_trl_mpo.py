@@ -332,16 +332,16 @@ class _PreferenceTrainer(DPOTrainer):
         if not isinstance(processing_class, ProcessorMixin) or not hasattr(processing_class, "image_processor"):
             raise TypeError(f"{name} trains vision-language models: processing_class must be the model's processor "
                             f"(a tokenizer and an image processor), got {type(processing_class).__name__}")
-        if not isinstance(model, str):
+        if not isinstance(model, str):  # a hub id or a directory: TRL loads it (and the reference)
             adapter_for(model)  # a supported family, or a TypeError naming them
+            adapter_off = peft_config is not None or is_peft_model(model)
+            if ref_model is None and not adapter_off and not args.precompute_ref_log_probs:
+                # TRL would reload the policy from its hub id; a copy needs none and is the same weights.
+                ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         self._sf_cfg = args.objective_config()
         self._sf_ref_logps: dict[str, torch.Tensor] = {}
         self._sf_counts = {mode: {"dropped": 0, "truncated": 0} for mode in ("train", "eval")}
         self._sf_checked = False
-        peft = peft_config is not None or is_peft_model(model)
-        if ref_model is None and not peft and not args.precompute_ref_log_probs and not isinstance(model, str):
-            # TRL would reload the policy from its hub id; a copy needs none and is the same weights.
-            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         collator = TRLRowCollator(processing_class, cls.objective, **args.collator_kwargs())
         super().__init__(model, ref_model, args, collator, train_dataset, eval_dataset, processing_class, None,
                          callbacks, optimizers, quantization_config, peft_config)

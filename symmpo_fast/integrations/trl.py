@@ -27,6 +27,9 @@ Metrics: TRL's names and values.  ``rewards/*``, ``logps/*`` come from the fused
 logits, which the fused pass never keeps: with ``FusedOptions(logit_metrics=True)`` (the
 default) one more no-grad head forward over the policy's completion tokens computes them
 exactly (2NDV more); ``logit_metrics=False`` skips it and those four are not logged.
+
+Also here: ``SymMPOTrainer`` / ``MDPOTrainer`` with ``SymMPOConfig`` / ``MDPOConfig``, SymMPO and
+mDPO as TRL trainers for vision-language models (defined in :mod:`._trl_mpo`, which says how).
 """
 
 from __future__ import annotations
