@@ -449,3 +449,19 @@ def test_a_model_given_by_its_directory(tiny, tmp_path):
     assert type(trainer.processing_class).__name__ == "LlavaProcessor"
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(4 * math.log(2), abs=1e-5)
+
+
+def test_a_peft_model_passed_in_is_referenced_by_trls_ref_adapter(tiny, tmp_path):
+    """As TRL: a PeftModel without ref_model gets a frozen "ref" copy of its adapter, and the
+    reference is that adapter (the policy as it starts), not the base model."""
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(tiny[0]), mpo_lora(random_b=True))  # an adapter != the base
+    trainer = mpo_trainer("symmpo", model, mpo_rows(synthetic_records(2)), tiny[1], tmp_path)
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, {"preference_batch": batch})
+        off = forward_preference(trainer.model, batch, trainer._sf_cfg, reference_logps(trainer.model, batch))[0]
+    assert float(loss) == pytest.approx(4 * math.log(2), abs=1e-5)
+    assert abs(float(off) - 4 * math.log(2)) > 1e-3  # the base model as the reference would differ
