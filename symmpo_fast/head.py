@@ -121,7 +121,7 @@ def _check_options(softcap, temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     """The head decides its own precision, whatever autocast the caller has on: products in the
     inputs' dtype with fp32 accumulation, fp32 logits (16-bit inputs on CUDA), fp32 log-probs.
 
@@ -133,7 +133,7 @@ def _no_autocast(device: torch.device):
 
 
 def _autocast_off(fn):
-    """An autograd Function's ``forward`` or ``backward`` run under :func:`_no_autocast`.
+    """An autograd Function's ``forward`` or ``backward`` run under :func:`no_autocast`.
 
     Autograd runs ``backward`` under the caller's autocast state (the trainer calls backward
     inside its autocast region), so the backward switches it off too, not only the forward.
@@ -142,7 +142,7 @@ def _autocast_off(fn):
     @functools.wraps(fn)
     def run(ctx, *args):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        with _no_autocast(device):
+        with no_autocast(device):
             return fn(ctx, *args)
 
     return run
@@ -342,7 +342,7 @@ def token_logps(
     _check_head_inputs(hidden2, weight, labels1, bias, ignore_index)
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        with _no_autocast(hidden.device):
+        with no_autocast(hidden.device):
             out = _reference.token_logps_reference(hidden2, weight, labels1, bias, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
@@ -405,7 +405,7 @@ def logits_token_logps(
     _check_labels(labels1, V, ignore_index)
     name = _backends.resolve(backend, logits.device)
     if name == "reference":
-        with _no_autocast(logits.device):
+        with no_autocast(logits.device):
             out = _reference.logits_token_logps_reference(logits2, labels1, ignore_index, softcap, temperature)
     else:
         p = HeadParams(ignore_index, softcap, float(temperature), name, chunk_size)
@@ -564,7 +564,7 @@ def fused_preference_loss(
         raise ValueError(f"seq_index value {seq1[bad][0].item()} is outside [-1, {B * NUM_ROLES}) for B={B} records")
     name = _backends.resolve(backend, hidden.device)
     if name == "reference":
-        with _no_autocast(hidden.device):
+        with no_autocast(hidden.device):
             return _reference.fused_preference_loss_reference(
                 hidden2, weight, labels1, seq1.long(), ref_logps, cfg, bias, ignore_index, softcap, temperature)
     needs_grad = torch.is_grad_enabled() and any(

@@ -136,7 +136,9 @@ def sequence_logps(model, batch, packing: str = "shared_prefix", backend: str = 
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq = rows.labels, rows.seq_index
     weight, bias = adapter.output_head()
-    tok = token_logps(hidden, weight, labels, bias=bias, softcap=adapter.logit_softcap,
+    # Under autocast (bf16 compute, fp32 master weights: a full fine-tune) the body hands over bf16
+    # hidden states; the head takes them in its weight's dtype and decides its own precision.
+    tok = token_logps(hidden.to(weight.dtype), weight, labels, bias=bias, softcap=adapter.logit_softcap,
                       temperature=adapter.logit_temperature, backend=backend)  # [T] fp32
     return _sequence_sums(tok, seq, batch.num_records, average)
 
@@ -189,8 +191,9 @@ def forward_preference(model, batch, cfg: ObjectiveConfig, ref_logps: torch.Tens
         hidden, rows = _packed_hidden(model, adapter, batch, row_tokens)
         labels, seq, real_tokens = rows.labels, rows.seq_index, rows.num_tokens
     weight, bias = adapter.output_head()
-    loss, metrics = fused_preference_loss(hidden, weight, labels, seq, ref_logps, cfg, backend=backend, bias=bias,
-                                          softcap=adapter.logit_softcap, temperature=adapter.logit_temperature)
+    loss, metrics = fused_preference_loss(hidden.to(weight.dtype), weight, labels, seq, ref_logps, cfg,  # see above
+                                          backend=backend, bias=bias, softcap=adapter.logit_softcap,
+                                          temperature=adapter.logit_temperature)
     metrics["packing/rows"] = torch.tensor(float(rows.input_ids.shape[0]), device=loss.device)
     metrics["packing/fill"] = torch.tensor(real_tokens / rows.input_ids.numel(), device=loss.device)
     return loss, metrics

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("trl_dpo.py", "fused_loss.py")
+EXAMPLES = ("trl_dpo.py", "trl_symmpo.py", "trl_mdpo.py", "fused_loss.py")
 
 
 def readme_block(name: str) -> str:
@@ -29,13 +30,18 @@ def test_readme_shows_the_example_verbatim(name):
 
 
 @pytest.mark.parametrize("name, expect", [("trl_dpo.py", r"\{'loss': 0\.\d+, 'rewards/margins'"),
+                                          ("trl_symmpo.py", r"\{'loss': 2\.\d+, 'loss/dpo': 0\.\d+, 'loss/pair'"),
+                                          ("trl_mdpo.py", r"\{'loss': 2\.\d+, 'loss/dpo': 0\.\d+, 'loss/copo'"),
                                           ("fused_loss.py", r"Trainer losses: \[0\.\d+, 0\.\d+, 0\.\d+\]")],
-                         ids=["trl_dpo", "fused_loss"])
+                         ids=["trl_dpo", "trl_symmpo", "trl_mdpo", "fused_loss"])
 def test_example_runs(tmp_path, name, expect):
     p = subprocess.run([sys.executable, str(ROOT / "examples" / name)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(expect, p.stdout), p.stdout[-2000:]
+    if name in ("trl_symmpo.py", "trl_mdpo.py"):  # the last step's loss is below its value at policy == reference
+        loss = float(re.search(r"\{'loss': (\d\.\d+)", p.stdout).group(1))
+        assert loss < (4 if name == "trl_symmpo.py" else 3) * math.log(2) - 1e-3, loss
     if name == "fused_loss.py":  # the plain loop's DPO loss falls from log 2
         losses = [float(x) for x in re.findall(r"step \d: loss (\d\.\d+)", p.stdout)]
         assert losses[0] == pytest.approx(0.6931, abs=1e-4) and losses[2] < losses[0]

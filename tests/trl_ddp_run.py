@@ -2,7 +2,8 @@
 and FusedDPOTrainer with its pass run outside the DDP wrapper (the bug a naive subclass has), on
 2 gloo processes.  Writes OUT/<job>.json (rank 0: the logged losses) and OUT/<job>-rank<r>.pt
 (every process: its parameters after training).  Then the fused-loss pass through an FSDP2
-(``fully_shard``) model against the same pass on an unsharded copy: OUT/fsdp2-rank<r>.pt.
+(``fully_shard``) model against the same pass on an unsharded copy: OUT/fsdp2-rank<r>.pt.  Then
+SymMPOTrainer (:func:`symmpo_job`), also with its pass run outside the wrapper: OUT/symmpo*.
 
     torchrun --nproc_per_node 2 tests/trl_ddp_run.py OUT
 """
@@ -25,6 +26,7 @@ from symmpo_fast.integrations import trl as sf_trl  # noqa: E402
 from symmpo_fast.integrations import call_in_forward  # noqa: E402
 from symmpo_fast.integrations._hf import fused_loss_pass  # noqa: E402
 from symmpo_fast.objectives import ObjectiveConfig  # noqa: E402
+from symmpo_fast.integrations import _trl_mpo  # noqa: E402
 from trl_helpers import build, perturbed, text_records, tiny_llama, tokenizer, train_log  # noqa: E402
 
 
@@ -54,6 +56,39 @@ def main(out: Path) -> None:
         if rank == 0:
             (out / f"{job}.json").write_text(json.dumps([r["loss"] for r in rows]))
     fsdp2(out, rank, tok)
+    for job in ("symmpo", "symmpo-outside"):
+        real = _trl_mpo.call_in_forward
+        if job == "symmpo-outside":
+            _trl_mpo.call_in_forward = outside
+        try:
+            trainer, rows = symmpo_job(out / job, per_device=2, ddp_backend="gloo")
+        finally:
+            _trl_mpo.call_in_forward = real
+        assert trainer.accelerator.num_processes == 2
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        torch.save({"params": params, "ref_table": symmpo_table(trainer)}, out / f"{job}-rank{rank}.pt")
+        if rank == 0:
+            (out / f"{job}.json").write_text(json.dumps([r["loss"] for r in rows]))
+
+
+def symmpo_job(out: Path, per_device: int, **config):
+    """3 AdamW steps of SymMPOTrainer on the tiny LLaVA: LoRA with random B (the policy is not its
+    reference), precomputed reference log-probs (each process computes its share, every process
+    gets the whole table), 12 records in order; the test runs it on 1 process with
+    ``per_device=4`` for the same global batches."""
+    from symmpo_fast.models import build_tiny_llava
+    from trl_helpers import mpo_lora, mpo_rows, mpo_trainer, synthetic_records
+
+    model, processor = build_tiny_llava(seed=0)
+    trainer = mpo_trainer("symmpo", model, mpo_rows(synthetic_records(12)), processor, out,
+                          peft_config=mpo_lora(random_b=True), precompute_ref_log_probs=True,
+                          per_device_train_batch_size=per_device, **config)
+    return trainer, train_log(trainer)
+
+
+def symmpo_table(trainer) -> torch.Tensor:
+    """The precomputed reference table, rows in key order: ``[records, 5]``."""
+    return torch.stack([trainer._sf_ref_logps[k] for k in sorted(trainer._sf_ref_logps)])
 
 
 def fsdp2(out: Path, rank: int, tok) -> None:

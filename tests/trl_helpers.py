@@ -161,3 +161,74 @@ def assert_metrics_close(got: dict, want: dict):
     assert list(got) == list(want), f"metric names/order {list(got)} != TRL's {list(want)}"
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=METRIC_REL, abs=METRIC_ABS), (k, got[k], want[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# SymMPOTrainer / MDPOTrainer (tests/test_trl_mpo.py, the DDP job of tests/trl_ddp_run.py)
+
+def user_turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def assistant_turn(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def mpo_rows(records, objective: str = "symmpo"):
+    """symmpo-fast records (image, contrast_image, question, chosen, rejected, contrast_chosen) as a
+    ``datasets.Dataset`` in TRL's conversational columns, in the same order."""
+    from datasets import Dataset
+
+    columns = {"images": [[r["image"]] for r in records], "prompt": [user_turn(r["question"]) for r in records],
+               "chosen": [assistant_turn(r["chosen"]) for r in records],
+               "rejected": [assistant_turn(r["rejected"]) for r in records]}
+    if objective == "symmpo":
+        columns["contrast_images"] = [[r["contrast_image"]] for r in records]
+        columns["contrast_chosen"] = [assistant_turn(r["contrast_chosen"]) for r in records]
+    return Dataset.from_dict(columns)
+
+
+def synthetic_records(n: int, split: str = "train") -> list[dict]:
+    """The records symmpo-fast's trainer reads for ``data="synthetic"``, ``synthetic_records=n``."""
+    from symmpo_fast.synthetic import build_split
+
+    data = build_split(split, n)
+    return [data[i] for i in range(n)]
+
+
+def mpo_config(objective: str, out, **overrides):
+    """SymMPOConfig / MDPOConfig for a few CPU steps: fp32, no checkpointing, rows in order."""
+    from symmpo_fast.integrations.trl import MDPOConfig, SymMPOConfig
+
+    kw = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=3, logging_steps=1, report_to=[],
+              bf16=False, gradient_checkpointing=False, use_cpu=True, learning_rate=2e-3, optim="adamw_torch",
+              lr_scheduler_type="constant", save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+              train_sampling_strategy="sequential")
+    kw.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (SymMPOConfig if objective == "symmpo" else MDPOConfig)(**kw)
+
+
+def mpo_trainer(objective: str, model, rows, processor, out, ref_model=None, peft_config=None, **config):
+    from symmpo_fast.integrations.trl import MDPOTrainer, SymMPOTrainer
+
+    cls = SymMPOTrainer if objective == "symmpo" else MDPOTrainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(model=model, ref_model=ref_model, args=mpo_config(objective, out, **config), train_dataset=rows,
+                   processing_class=processor, peft_config=peft_config)
+
+
+def mpo_lora(random_b: bool = False):
+    """symmpo-fast's trainer's adapter on the tiny LLaVA (r 8, alpha 16, no dropout, the default
+    linear layers of the language model); ``random_b``: B random too, so that the policy differs
+    from its adapter-off reference from the first step."""
+    from peft import LoraConfig
+
+    from symmpo_fast.models import adapter_for, build_tiny_llava
+    from symmpo_fast.train import TrainConfig
+
+    regex = adapter_for(build_tiny_llava()[0]).lora_target_regex(TrainConfig().lora_target_modules)
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=regex,
+                      **({"init_lora_weights": False} if random_b else {}))

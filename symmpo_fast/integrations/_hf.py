@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..head import fused_preference_loss, token_logps
+from ..head import no_autocast
 from ..objectives import NUM_ROLES, ObjectiveConfig
 
 try:
@@ -131,8 +132,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ``logps`` = log p(label); ``entropy`` = -sum_v p_v log p_v; ``mean_logits`` = mean_v z_v;
     ``is_top1`` = 1 when the label is the first argmax of z (TRL's tie rule, ``torch.argmax``'s
     too).  ``hidden [n, D]``, ``weight [V, D]``, ``labels [n]`` all real.  The logits come out of
-    ``F.linear`` in the compute dtype (autocast's, as in TRL's head) and are upcast to fp32.
-    Costs one head forward, 2nDV FLOPs.
+    ``F.linear`` in the inputs' dtype (the passes below call it outside autocast, in the weight's
+    dtype, as the fused head computes) and are upcast to fp32.  Costs one head forward, 2nDV FLOPs.
     """
     n, V = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, len(STATS), dtype=torch.float32, device=hidden.device)
@@ -172,7 +173,7 @@ def fused_loss_pass(net: nn.Module, select: Select, ref_logps: torch.Tensor, cfg
     h, labels, seg = select(last_hidden_state(net, **model_kwargs))
     transform = LogitTransform.from_config(net.config)
     B = ref_logps.shape[0]
-    with output_head(net, gather) as (weight, bias):
+    with output_head(net, gather) as (weight, bias), no_autocast(h.device):
         h = h.to(weight.dtype)
         loss, metrics = fused_preference_loss(h, weight, labels, seg, ref_logps, cfg, backend=backend, bias=bias,
                                               **transform.head_kwargs)
@@ -189,6 +190,6 @@ def sequence_logps_pass(net: nn.Module, select: Select, records: int, backend: s
     """Backbone -> ``[records, 5]`` summed log-probs per sequence by :func:`symmpo_fast.token_logps`."""
     h, labels, seg = select(last_hidden_state(net, **model_kwargs))
     transform = LogitTransform.from_config(net.config)
-    with output_head(net, gather) as (weight, bias):
+    with output_head(net, gather) as (weight, bias), no_autocast(h.device):
         lp = token_logps(h.to(weight.dtype), weight, labels, bias=bias, backend=backend, **transform.head_kwargs)
     return segment_sums(lp, seg, records * NUM_ROLES).view(records, NUM_ROLES)

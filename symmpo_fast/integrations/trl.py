@@ -27,54 +27,39 @@ Metrics: TRL's names and values.  ``rewards/*``, ``logps/*`` come from the fused
 logits, which the fused pass never keeps: with ``FusedOptions(logit_metrics=True)`` (the
 default) one more no-grad head forward over the policy's completion tokens computes them
 exactly (2NDV more); ``logit_metrics=False`` skips it and those four are not logged.
+
+Also here: ``SymMPOTrainer`` / ``MDPOTrainer`` with ``SymMPOConfig`` / ``MDPOConfig``, SymMPO and
+mDPO as TRL trainers for vision-language models (defined in :mod:`._trl_mpo`, which says how).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from packaging.version import Version
+# First: it checks that TRL is installed and recent enough, with a message saying what to install.
+from ._trl_common import UnsupportedOptionError, check_trainer_models, reference_context, refuse_common
 
-try:
-    import trl
-except ImportError as e:  # exercised in a subprocess without trl (tests/test_trl_options.py)
-    raise ImportError("symmpo_fast.integrations.trl needs TRL >= 1.16: pip install 'symmpo-fast[trl]'") from e
-if Version(trl.__version__) < Version("1.16.0"):
-    raise ImportError(f"symmpo_fast.integrations.trl needs trl >= 1.16, found {trl.__version__}")
-
-from accelerate.utils import is_peft_model
 from datasets.fingerprint import Hasher
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .. import __version__
 from ..objectives import NUM_ROLES, ObjectiveConfig
-from ..registry import resolve
 from ._forward import call_in_forward, inner_module
 from ._hf import STATS, LogitTransform, fused_loss_pass, output_head, pretrained, sequence_logps_pass
+from ._trl_mpo import MDPOConfig, MDPOTrainer, SymMPOConfig, SymMPOTrainer
 
-__all__ = ["FusedDPOTrainer", "FusedOptions", "UnsupportedOptionError", "objective_for"]
+__all__ = ["FusedDPOTrainer", "FusedOptions", "UnsupportedOptionError", "objective_for", "SymMPOTrainer",
+           "SymMPOConfig", "MDPOTrainer", "MDPOConfig"]
 
 LOSS_TYPES = ("sigmoid", "sigmoid_norm", "robust")
 """TRL loss types that are exactly a symmpo-fast DPO objective over sequence log-probs."""
 
 CHOSEN, REJECTED = 0, 1  # symmpo-fast role columns of TRL's chosen / rejected completions
-
-
-class UnsupportedOptionError(ValueError):
-    """A TRL option whose objective FusedDPOTrainer does not compute; it never trains a different one."""
-
-    def __init__(self, option: str, value: Any, why: str):
-        self.option = option
-        super().__init__(f"FusedDPOTrainer does not implement {option}={value!r}: {why}. "
-                         "Use trl.DPOTrainer for it, or change the option.")
 
 
 @dataclass(frozen=True)
@@ -113,14 +98,7 @@ def objective_for(args: DPOConfig) -> ObjectiveConfig:
     weight = float((args.loss_weights or [1.0])[0])
     if not weight > 0:
         raise UnsupportedOptionError("loss_weights", args.loss_weights, "the weight must be > 0")
-    if args.ld_alpha is not None:
-        raise UnsupportedOptionError("ld_alpha", args.ld_alpha, "LD-DPO weights tokens past the shared length")
-    if args.f_divergence_type != "reverse_kl":
-        raise UnsupportedOptionError("f_divergence_type", args.f_divergence_type, "only reverse_kl (DPO) is fused")
-    if args.use_weighting:
-        raise UnsupportedOptionError("use_weighting", True, "WPO weights need log sum p^2 of every token")
-    if args.torch_compile:
-        raise UnsupportedOptionError("torch_compile", True, "the fused pass is not traced by torch.compile here")
+    refuse_common(args, "FusedDPOTrainer")
     if not args.beta > 0:
         raise UnsupportedOptionError("beta", args.beta, "beta must be > 0")
     return ObjectiveConfig.dpo(beta=float(args.beta), dpo_weight=weight, average_logps=loss_type == "sigmoid_norm")
@@ -200,14 +178,7 @@ class FusedDPOTrainer(DPOTrainer):
         """Raise for what the models bring that the fused pass does not compute; once."""
         if self._sf_checked:
             return
-        resolve(self._sf_options.backend, self.args.device)  # an unknown or unavailable backend says why
-        if self.aux_loss_enabled:
-            raise UnsupportedOptionError("router_aux_loss_coef", self.router_aux_loss_coef,
-                                         "the MoE load-balancing loss is not added by the fused pass; set it to 0.0")
-        peft_cfg = getattr(self.model, "active_peft_config", None)
-        if peft_cfg is not None and peft_cfg.is_prompt_learning:
-            raise UnsupportedOptionError("peft_config", type(peft_cfg).__name__,
-                                         "prompt-learning adapters prepend virtual tokens the backbone call skips")
+        check_trainer_models(self, self._sf_options.backend)
         for model in (self.model, self.ref_model):
             if model is not None:
                 net = pretrained(inner_module(model))
@@ -223,14 +194,9 @@ class FusedDPOTrainer(DPOTrainer):
 
     def _reference_sums(self, model, inputs: dict[str, Any], pairs: _Pairs) -> torch.Tensor:
         """``[B, 5]`` reference sums: ``model`` (the reference, or the policy with its adapter off)."""
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            peft_model = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
         run = functools.partial(sequence_logps_pass, pretrained(inner_module(model)), pairs.head_inputs, pairs.records,
                                 self._sf_options.backend, maybe_gather_lm_head_ctx)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter, self.accelerator.autocast()):
+        with reference_context(self):
             return call_in_forward(model, run, **self._model_kwargs(inputs))
 
     # ------------------------------------------------------------------------------------------
@@ -271,7 +237,11 @@ class FusedDPOTrainer(DPOTrainer):
         stats = self._sf_options.logit_metrics or self._sf_cfg.average_logps
         run = functools.partial(fused_loss_pass, pretrained(inner_module(model)), pairs.head_inputs, ref_in,
                                 self._sf_cfg, self._sf_options.backend, stats, maybe_gather_lm_head_ctx)
-        loss, metrics, per_seq = call_in_forward(model, run, **self._model_kwargs(inputs))
+        # The accelerator's autocast wraps the model's own forward, which call_in_forward stands in
+        # for: without it a bf16 run would compute the policy's backbone in fp32, unlike stock's.
+        # The head runs outside it (the head switches autocast off itself), as in the reference pass.
+        with self.accelerator.autocast():
+            loss, metrics, per_seq = call_in_forward(model, run, **self._model_kwargs(inputs))
         self._log_fused_metrics(mode, inputs, pairs, counts, ref, metrics, per_seq)
         if return_outputs:
             warnings.warn("return_outputs=True (compute_metrics) recomputes the full logits with one more forward; "
