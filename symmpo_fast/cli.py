@@ -66,7 +66,7 @@ def _prepare_data(args) -> int:
     report = prepare(args.data, data_format=args.data_format, objective=args.objective, image_root=args.image_root,
                      skip_bad_records=args.skip_bad_records, output=args.output, model=args.model,
                      max_length=args.max_length, truncation=args.truncation, seed=args.seed,
-                     prompt_format=args.prompt_format,
+                     prompt_format=args.prompt_format, system_prompt=args.system_prompt, mdpo_crop=args.mdpo_crop,
                      images=ImagePolicy(max_pixels=args.max_image_pixels, allow_outside_root=args.allow_outside_image_root,
                                         max_aspect_ratio=args.max_image_aspect_ratio))
     print(json.dumps(report, indent=1))
@@ -160,7 +160,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--truncation", default="drop", choices=("drop", "question", "right"),
                    help="with --model: train's --truncation, which decides what is too long")
     d.add_argument("--prompt-format", default="auto", choices=("auto", "llava_v1", "chat_template"),
-                   help="prompt format for the length report (as train's --prompt-format)")
+                   help="with --model: train's --prompt-format (the lengths depend on it)")
+    d.add_argument("--system-prompt", default=None, help="with --model: train's --system-prompt")
+    d.add_argument("--mdpo-crop", default="seeded", choices=("seeded", "official"),
+                   help="train's --mdpo-crop: 'seeded' crops are checked and written with --output")
     d.add_argument("--seed", type=int, default=0, help="seed of mDPO's crops (the collator's seed)")
     d.set_defaults(func=_prepare_data)
 

@@ -35,7 +35,8 @@ gives exactly the ids the model is run on, packed or not.
 
 Truncation (``max_length`` bounds every prompt + response, image tokens included; images are
 never cut).  ``truncation="drop"`` (default) drops a record whose longest sequence is too long;
-``truncation="question"`` cuts the question's last tokens instead, keeping at least one, and
+``truncation="question"`` cuts the question's last tokens instead (records with a question: an
+as-written prompt or a text model's record has no question span and is dropped), keeping at least one, and
 drops the record when that is not enough; ``truncation="right"`` is the official code's: each
 sequence is cut on the right at ``max_length``, its response losing its tail (``</s>``
 first), and a record with a sequence left without labels is dropped.  All are counted in
@@ -285,6 +286,10 @@ class PreferenceCollator:
         # Dynamic-resolution image processors (Qwen-VL) merge merge_size x merge_size patches per token.
         self.spatial_merge_size = getattr(getattr(processor, "image_processor", None), "merge_size", None) or 1
         if self.has_images:
+            if mdpo_crop == "official" and objective == "mdpo" and self.spatial_merge_size > 1:
+                raise ValueError("mdpo_crop='official' crops each image's processed [C, H, W] pixels anew on every "
+                                 "forward; this processor (dynamic resolution) returns flattened patches of a "
+                                 "size-dependent grid, which cannot be cropped that way: use mdpo_crop='seeded'")
             self.image_token = processor.image_token
             self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
             self.format = prompts.make_format(processor, prompt_format, system_prompt)
@@ -337,7 +342,9 @@ class PreferenceCollator:
                 if self.image_token in r[f]:
                     raise ValueError(f"record {i}: {f!r} contains the image token {self.image_token!r}")
             if lead == "prompt" and r["prompt"].count(self.image_token) != 1:
-                raise ValueError(f"record {i}: 'prompt' must hold the image token {self.image_token!r} once")
+                other = (" (it is written with LLaVA's '<image>': an as-written conversation is in that model's "
+                         "own format; give this model questions instead)") if "<image>" in r["prompt"] else ""
+                raise ValueError(f"record {i}: 'prompt' must hold the image token {self.image_token!r} once{other}")
 
     def _encode(self, r: dict) -> prompts.Encoded:
         answers = {name: r[name] for name in {ROLE_TEXT[k] for k in self.columns}}
@@ -394,10 +401,6 @@ class PreferenceCollator:
                 m = self.spatial_merge_size
                 raise ValueError(f"the processor expanded the images to {counts} placeholders, but their patch grids "
                                  f"{images.grid_thw.tolist()} with a {m}x{m} merge make {want}")
-            if recrop:
-                raise ValueError("mdpo_crop='official' crops each image's processed [C, H, W] pixels anew on every "
-                                 "forward; this processor returns flattened patches of a size-dependent grid, which "
-                                 "cannot be cropped that way: use mdpo_crop='seeded' (one crop of the raw image)")
         grids = [b""] * len(raw) if images.grid_thw is None else [g.numpy().tobytes() for g in images.grid_thw]
         digests = [d + hashlib.sha256(images.select([i]).pixel_values.contiguous().numpy().tobytes() + g).digest()
                    for i, (d, g) in enumerate(zip(raw, grids, strict=True))]

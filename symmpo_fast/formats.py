@@ -286,6 +286,11 @@ def validate_text(row: dict, where: str, check: Check | None = None) -> dict:
             else:
                 v = _text(v, k)
             rec[k] = v
+        if lead == "prompt" and isinstance(rec["prompt"], str) and any(isinstance(rec[k], list)
+                                                                      for k in ("chosen", "rejected")):
+            raise RecordProblem("wrong_type", "a plain-text 'prompt' takes plain-text answers, but 'chosen' or "
+                                "'rejected' is a list of messages", "give the prompt as messages too, or the "
+                                "answers as text")
         if rec["chosen"] == rec["rejected"]:
             raise _identical("'chosen' and 'rejected' are the same")
         if check is not None:
@@ -352,18 +357,27 @@ def validate(row: dict, objective: str, where: str, images: ImagePolicy = ImageP
     return rec
 
 
-def _question(text: str) -> str:
+def _question(text: str, placeholder: str = IMAGE_PLACEHOLDER) -> str:
     """The question verbatim, as the official code uses it, less one image placeholder at its
     start or end (LLaVA data puts "<image>\\n" there; the prompt format places the image)."""
-    if text.startswith(IMAGE_PLACEHOLDER):
-        text = text[len(IMAGE_PLACEHOLDER):].removeprefix("\n")
-    elif text.endswith(IMAGE_PLACEHOLDER):
-        text = text[: -len(IMAGE_PLACEHOLDER)].removesuffix("\n")
-    if IMAGE_PLACEHOLDER in text:
-        raise RecordProblem("image_placeholder", f"field 'question' holds {IMAGE_PLACEHOLDER!r} inside its text; only "
+    if text.startswith(placeholder):
+        text = text[len(placeholder):].removeprefix("\n")
+    elif text.endswith(placeholder):
+        text = text[: -len(placeholder)].removesuffix("\n")
+    if placeholder in text:
+        raise RecordProblem("image_placeholder", f"field 'question' holds {placeholder!r} inside its text; only "
                             "one at its start or end is understood (the prompt format places the image)",
-                            f"remove the {IMAGE_PLACEHOLDER!r} from the question's middle")
+                            f"remove the {placeholder!r} from the question's middle")
     return text
+
+
+def question_or_conversation(text: str, placeholder: str = IMAGE_PLACEHOLDER) -> dict[str, str]:
+    """A prompt string as our readers take it: ``{"prompt": text}`` when it already holds the
+    conversation up to the assistant's turn (used as written), else ``{"question": ...}`` less
+    one placeholder at its start or end (:func:`_question`)."""
+    if is_conversation(text) and placeholder in text:
+        return {"prompt": text}
+    return {"question": _question(text, placeholder)}
 
 
 def content_digest(rec: dict, image_digests: dict[str, str] | None = None) -> str:

@@ -15,7 +15,8 @@ every response sees exactly the positions it has as a separate sequence (for bat
 grids, Qwen-VL's M-RoPE positions too, ``[3, R, L]``: :func:`mrope_positions`); a token attends to the
 tokens of its ancestor nodes and to the earlier tokens of its own node.  The hidden state that
 predicts a response's first token is its prefix's last one, gathered once per response; a
-response's last token (``</s>``) is a label only, never an input, since nothing attends to it.
+response's last token (its end of turn ``</s>``, or under ``truncation="right"`` its last kept
+token) is a label only, never an input, since nothing attends to it.
 
 With P prefix tokens and responses of R tokens, SymMPO feeds 2P + 5R tokens instead of
 5(P + R), and the vision tower sees 2 images instead of 5.

@@ -458,7 +458,7 @@ def test_a_record_too_long_to_keep_is_a_bad_record_when_read(tmp_path, processor
 
     with pytest.raises(BadRecordError, match=r"data.jsonl: line 2: its longest sequence is 214 tokens \(prompt 63, "
                                              r"image tokens included\), above max_length=100 with truncation=drop; fix: "
-                                             "raise max_length, or set truncation=question .* or truncation=right"):
+                                             "raise max_length, or set truncation=right .* or truncation=question"):
         load("drop")
     skipped = {t: [(s.where[-6:], s.kind) for s in load(t, skip_bad_records=True).skipped] for t in TRUNCATIONS}
     assert skipped == {"drop": [("line 2", "too_long"), ("line 3", "too_long")],

@@ -256,3 +256,47 @@ def test_text_dpo_step_flops(capsys):
         print(f"\ntext DPO policy fwd+bwd, prompt {prompt}, responses {response}: packed "
               f"{flops['shared_prefix'] / 1e9:.2f} GFLOP, official {flops['none'] / 1e9:.2f} GFLOP, ratio {ratio:.3f}")
     assert ratio <= 0.65
+
+
+def test_a_logit_multiplier_reaches_the_fused_head():
+    """Granite divides its logits by logits_scaling: the fused head reads it from the config (as TRL
+    does), so packed log-probs equal the model's own head; ignoring it would not."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from symmpo_fast.models.tiny_text import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("tiny-llama")
+    config = GraniteConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=0.25,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GraniteForCausalLM(config).eval()
+    assert adapter_for(model).logit_temperature == 0.25
+    batch = PreferenceCollator(tok, "dpo")(RECORDS)
+    with torch.no_grad():
+        fused, official = sequence_logps(model, batch), sequence_logps(model, batch, "none")
+        assert float((fused - official).abs().max()) <= 1e-5 * float(official.abs().max())
+        model.config.logits_scaling = 1.0  # what a head reading no multiplier would compute
+        assert float((sequence_logps(model, batch) - official).abs().max()) > 1e-2
+
+
+def test_review_cases_for_text_data(tmp_path, capsys):
+    """A setting the collator refuses is the run's error, raised once, not every record's; a plain
+    prompt with conversational answers is a named bad record; prepare-data writes text data."""
+    from symmpo_fast import cli
+    from symmpo_fast.train.prepare import record_check
+
+    _, tok = build_tiny("tiny-qwen2")
+    with pytest.raises(ValueError, match="prompt_format='llava_v1' is for vision-language models"):
+        record_check(tok, 0, crop=False, objective="dpo", collate=dict(max_length=256, prompt_format="llava_v1"))
+    path = tmp_path / "text.jsonl"
+    mixed = {"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": "No"}
+    path.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n" + json.dumps(mixed) + "\n")
+    with pytest.raises(formats.BadRecordError, match="line 2: a plain-text 'prompt' takes plain-text answers"):
+        formats.load_dataset(str(path), objective="dpo", text_only=True)
+    path.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
+    assert cli.main(["prepare-data", str(path), "--objective", "dpo", "--model", "tiny-qwen2", "--output",
+                     str(tmp_path / "out")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["usable"] == 1 and (tmp_path / "out" / "data.jsonl").exists()

@@ -187,28 +187,31 @@ def _official_parquet(tmp_path, model, processor, records, image_id):
     return tmp_path
 
 
-@pytest.mark.parametrize("fmt", ["auto", "chat_template"])
-def test_dataset_reference_gives_zero_rewards_at_step_0(tmp_path, fmt):
+def test_dataset_reference_gives_zero_rewards_at_step_0(tmp_path):
     """The parquet's logps were computed on the official input, so a policy equal to that reference
-    has rewards 0 at step 0 with reference=dataset; with another prompt it does not."""
+    has rewards 0 at step 0 with reference=dataset; the policy's log-probs under another prompt
+    are far from them, and a run that would pair them is refused."""
     from train_helpers import config
 
+    from symmpo_fast.layouts import sequence_logps
     from symmpo_fast.train import train
 
     model, processor = build_tiny_llava(seed=0)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     records = make_records(4, seed=21, answer_words=(1, 8))
     data = _official_parquet(tmp_path, model.eval(), processor, records, image_id)
-    out = tmp_path / "run"
-    train(config(out, data=str(data), reference="dataset", finetune="full", max_steps=1, global_batch_size=4,
-                 micro_batch_size=4, learning_rate=0.0, prompt_format=fmt, lora_r=8))
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    kw = dict(data=str(data), reference="dataset", finetune="full", max_steps=1, global_batch_size=4,
+              micro_batch_size=4, learning_rate=0.0, lora_r=8)
+    train(config(tmp_path / "run", **kw))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     rewards = [row[k] for k in row if k.startswith("rewards/")]
-    assert len(rewards) == 5
-    if fmt == "auto":
-        assert max(abs(v) for v in rewards) < 1e-5, row
-    else:
-        assert max(abs(v) for v in rewards) > 5e-3, row
+    assert len(rewards) == 5 and max(abs(v) for v in rewards) < 1e-5, row
+    shipped = torch.tensor([formats.load_dataset(str(data)).records[i]["ref_logps"]["sum"] for i in range(4)])
+    with torch.no_grad():
+        other = sequence_logps(model, PreferenceCollator(processor, "symmpo", prompt_format="chat_template")(records))
+    assert float((other - shipped).abs().max()) > 5e-2  # what the rewards would be off by, over beta
+    with pytest.raises(ValueError, match="official logps were computed on the official llava_v1 input"):
+        train(config(tmp_path / "other", prompt_format="chat_template", **kw))
 
 
 # ----------------------------------------------------------------------------------------------

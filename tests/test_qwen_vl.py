@@ -393,3 +393,18 @@ def test_symmpo_step_flops(capsys):
               f"{response}: packed {flops['shared_prefix'] / 1e9:.1f} GFLOP, official {flops['none'] / 1e9:.1f} GFLOP, "
               f"ratio {ratio:.3f}")
     assert ratio <= 0.55
+
+
+def test_settings_qwen_cannot_take_are_refused_at_construction():
+    """mDPO's official crop (of [C, H, W] pixels) cannot apply to flattened patches: refused when
+    the collator is built, not at the first batch; a LLaVA-format as-written prompt is named."""
+    from symmpo_fast.models import build_tiny
+
+    _, processor = build_tiny("tiny-qwen2.5-vl")
+    with pytest.raises(ValueError, match="mdpo_crop='official'.*dynamic resolution"):
+        PreferenceCollator(processor, "mdpo", mdpo_crop="official")
+    rec = dict(make_records(1, seed=3)[0])
+    rec.pop("question")
+    rec["prompt"] = "A chat. USER: <image>\nWhat is it? ASSISTANT:"
+    with pytest.raises(ValueError, match="written with LLaVA's '<image>'"):
+        PreferenceCollator(processor, "dpo")([rec])

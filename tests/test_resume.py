@@ -236,12 +236,18 @@ def _as_written_before_hashes(path, cfg):
     (path / "trainer_state.json").write_text(json.dumps(old))
 
 
-def test_a_checkpoint_written_before_hashes_is_resumed_with_a_warning(finished, tmp_path):
-    kw = dict(max_steps=4, save_steps=2, keep_checkpoints=2, lora_dropout=0.1, **FAST)
+def test_a_checkpoint_written_before_hashes_is_resumed_with_a_warning(tmp_path):
+    # That trainer's prompt was the chat template (prompt_format did not exist; "auto" now means
+    # llava_v1 for LLaVA): its run is continued with that, and "auto" is refused, named.
+    kw = dict(max_steps=4, save_steps=2, keep_checkpoints=2, lora_dropout=0.1, prompt_format="chat_template", **FAST)
+    finished = tmp_path / "finished"
+    run(finished, **kw)
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     _as_written_before_hashes(out / "checkpoints" / "step-00000002", config(out, **kw))
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"prompt_format 'chat_template' -> 'auto'"):
+        train(config(out, resume=True, **{**kw, "prompt_format": "auto"}))
     # The old check counted it damaged: "no intact checkpoint is left", the only advice --overwrite.
     unverified = pytest.warns(RuntimeWarning, match="step-00000002 was written before checkpoints carried hashes: .* "
                                                     "cannot be verified")

@@ -140,3 +140,22 @@ def test_dataset_reference_aligns_rows_when_records_are_dropped():
     assert ref([0, 1, 2], batch)[:, 0].tolist() == [0.0, 2.0]
     assert loop_mod.DatasetReference(data, collator, average=True)([0, 1, 2], batch)[:, 0].tolist() == \
         pytest.approx([0.0, 0.2])
+
+
+def test_reference_cache_with_a_duplicate_record(tmp_path):
+    """A data set with a duplicate (kept by the reader) precomputes one row per key and trains
+    with reference=cache as with a frozen copy."""
+    from symmpo_fast.formats import write_jsonl
+    from symmpo_fast.synthetic import build_split
+    from symmpo_fast.train.refcache import precompute
+
+    path = write_jsonl(build_split("train", 16), tmp_path / "data")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + lines[:1]) + "\n")  # 17 records, one of them twice
+    kw = dict(max_steps=2, finetune="full", micro_batch_size=4, data=str(path))
+    precompute(config(tmp_path / "cache", **kw))
+    index = json.loads((tmp_path / "cache" / "ref_cache" / "index.json").read_text())
+    assert len(index["keys"]) == len(set(index["keys"])) == 16
+    run(tmp_path / "cache", reference="cache", **kw)
+    run(tmp_path / "copy", reference="copy", **kw)
+    assert losses(tmp_path / "cache") == pytest.approx(losses(tmp_path / "copy"), rel=1e-6)

@@ -391,16 +391,20 @@ def test_evaluate_with_a_precomputed_reference(tiny, tmp_path):
         trainer.predict(mpo_rows(records[4:]))
 
 
-def test_records_longer_than_max_length_are_dropped_and_counted(tiny, tmp_path):
+def test_records_longer_than_max_length_are_refused_before_training(tiny, tmp_path):
+    """As our trainer reads its data: a row the collator would drop is named at construction (a
+    step whose records were all dropped would raise mid-run, and under DDP leave the other
+    processes waiting); truncation="right" keeps it, cut, and counts it."""
     records = synthetic_records(4)
     records[1] = {**records[1], "chosen": "yes " * 200}  # ~400 tokens: longer than max_length
+    with pytest.raises(ValueError, match=r"train row 1: its longest sequence is \d+ tokens, above max_length=256"):
+        mpo_trainer("symmpo", copy.deepcopy(tiny[0]), mpo_rows(records), tiny[1], tmp_path, max_length=256,
+                    max_steps=2)
     trainer = mpo_trainer("symmpo", copy.deepcopy(tiny[0]), mpo_rows(records), tiny[1], tmp_path, max_length=256,
-                          max_steps=2)
+                          max_steps=2, truncation="right")
     trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r and "train_loss" not in r]
-    assert [r["dropped"] for r in rows] == [1, 1] and [r["truncated"] for r in rows] == [0, 0]
-    with pytest.raises(ValueError, match="the batch holds no record"):
-        trainer.compute_loss(trainer.model, trainer.data_collator([mpo_rows(records)[1]]))
+    assert [r["dropped"] for r in rows] == [0, 0] and sum(r["truncated"] for r in rows) >= 1
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -457,3 +461,17 @@ def test_a_peft_model_passed_in_is_referenced_by_trls_ref_adapter(tiny, tmp_path
         off = forward_preference(trainer.model, batch, trainer._sf_cfg, reference_logps(trainer.model, batch))[0]
     assert float(loss) == pytest.approx(4 * math.log(2), abs=1e-5)
     assert abs(float(off) - 4 * math.log(2)) > 1e-3  # the base model as the reference would differ
+
+
+def test_a_string_prompt_is_read_as_our_readers_read_it():
+    """A LLaVA-style "<image>\\nQ" is the question Q (our prompt format adds the system text and the
+    turns), a whole conversation is used as written, an image token mid-text is refused."""
+    from symmpo_fast.integrations._trl_mpo import _prompt
+
+    conversation = "A chat. USER: <image>\nWhat is it? ASSISTANT:"
+    assert _prompt("<image>\nWhat is it?", "<image>", "row 0") == {"question": "What is it?"}
+    assert _prompt("What is it?", "<image>", "row 0") == {"question": "What is it?"}
+    assert _prompt(conversation, "<image>", "row 0") == {"prompt": conversation}
+    assert _prompt("<|image_pad|>What?", "<|image_pad|>", "row 0") == {"question": "What?"}
+    with pytest.raises(ValueError, match="row 3: field 'question' holds '<image>' inside its text"):
+        _prompt("Left <image> right", "<image>", "row 3")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..head import fused_preference_loss, token_logps
+from ..models.base import LogitTransform
 from ..head import no_autocast
 from ..objectives import NUM_ROLES, ObjectiveConfig
 
@@ -44,47 +45,6 @@ def last_hidden_state(model: nn.Module, **model_kwargs: Any) -> torch.Tensor:
     if hidden is None:
         raise TypeError(f"{type(backbone).__name__} returned no last_hidden_state")
     return hidden
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """``z = softcap * tanh(scale * (h @ W.T + b) / softcap)`` (no tanh when ``softcap`` is None).
-
-    :meth:`from_config` reads it from a model config the way TRL 1.16's fused head does
-    (``trl.trainer.utils.add_fused_lm_head``), so a drop-in computes the same distribution.
-    """
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def from_config(cls, config) -> "LogitTransform":
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3
-        # Multipliers, in TRL's order of precedence: Cohere's logit_scale, output_multiplier,
-        # Falcon-H1's lm_head_multiplier; Granite / MiniCPM3 divide by logits_scaling, which
-        # HyperCLOVA X multiplies by instead.
-        scale = next((getattr(text, k) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier")
-                      if getattr(text, k, None) is not None), None)
-        if scale is None and getattr(text, "logits_scaling", None) is not None:
-            scale = text.logits_scaling if getattr(text, "model_type", "") == "hyperclovax" else 1 / text.logits_scaling
-        scale = 1.0 if scale is None else float(scale)
-        name = type(text).__name__
-        if not scale > 0:
-            raise ValueError(f"{name} declares a logit multiplier of {scale}: the fused head needs one > 0")
-        if softcap is not None and not softcap > 0:
-            raise ValueError(f"{name}.final_logit_softcapping must be > 0 or None, got {softcap}")
-        return cls(scale, None if softcap is None else float(softcap))
-
-    @property
-    def head_kwargs(self) -> dict[str, Any]:
-        """``softcap`` and ``temperature`` for :func:`symmpo_fast.token_logps` and the fused loss,
-        which divide by the temperature before the softcap: a multiplier is 1 / temperature."""
-        return {"softcap": self.softcap, "temperature": 1.0 / self.scale}
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits * self.scale if self.scale != 1.0 else logits
-        return self.softcap * torch.tanh(z / self.softcap) if self.softcap is not None else z
 
 
 GatherContext = Callable[..., contextlib.AbstractContextManager]

@@ -54,13 +54,14 @@ from ._trl_common import UnsupportedOptionError, check_trainer_models, reference
 from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ..data import COLUMNS, MDPO_CROPS, TRUNCATION, PreferenceCollator
+from ..formats import RecordProblem, question_or_conversation
 from ..layouts import PACKINGS, forward_preference, sequence_logps
-from ..models import adapter_for
+from ..models import adapter_for, load_processor_for
 from ..objectives import ROLES, ObjectiveConfig
 from ..prompts import PROMPT_FORMATS
 from ._forward import call_in_forward, inner_module
@@ -245,9 +246,13 @@ def _answer(value, where: str) -> str:
 
 
 def _prompt(value, image_token: str, where: str) -> dict[str, str]:
-    """``{"question": x}`` or ``{"prompt": conversation}``; see the module docstring."""
+    """``{"question": x}`` or ``{"prompt": conversation}``; see the module docstring.  A string is
+    read as our own readers read one (:func:`symmpo_fast.formats.question_or_conversation`)."""
     if isinstance(value, str):
-        return {"prompt": value} if image_token in value else {"question": value}
+        try:
+            return question_or_conversation(value, image_token)
+        except RecordProblem as e:
+            raise ValueError(f"{where}: {e}") from None
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "user":
         content = value[0].get("content")
         if (isinstance(content, list) and len(content) == 2 and all(isinstance(c, dict) for c in content)
@@ -328,7 +333,8 @@ class _PreferenceTrainer(DPOTrainer):
                                              instead="Leave it None.")
         if processing_class is None:
             model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-            processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+            # As our trainer loads it: LLaVA-1.5's PIL image processor, Qwen-VL's without torchvision.
+            processing_class = load_processor_for(model_id)
         if not isinstance(processing_class, ProcessorMixin) or not hasattr(processing_class, "image_processor"):
             raise TypeError(f"{name} trains vision-language models: processing_class must be the model's processor "
                             f"(a tokenizer and an image processor), got {type(processing_class).__name__}")
@@ -370,9 +376,15 @@ class _PreferenceTrainer(DPOTrainer):
                                 f"{type(inner_module(model)).__name__} has no vision tower")
         self._sf_checked = True
 
-    def _check_rows(self, dataset: Dataset, name: str, image_token: str) -> None:
-        """The columns are there and every row's texts map onto a record (images are checked when
-        collated): a bad row is named by its index before anything is trained."""
+    def _check_rows(self, dataset: Dataset, name: str, processor, args) -> None:
+        """The columns are there and every row maps onto a record the collator keeps, as our
+        trainer checks its data when it is read (the texts, the tokenizer's special tokens, the
+        length under the config's max_length and truncation, mDPO's crop of a small image): a bad
+        row is named by its index before anything is trained, not mid-run (where, under DDP, the
+        other processes would wait in a collective for the one that raised)."""
+        from ..train.prepare import record_check
+
+        image_token = processor.image_token
         objective = self.config_class.objective
         needed = [*_TEXT_COLUMNS[objective], *(_IMAGE_COLUMNS[f] for f in _RECORD_IMAGES[objective])]
         for column in needed:  # a text column's name, or an image field's (plural, singular) names
@@ -385,6 +397,24 @@ class _PreferenceTrainer(DPOTrainer):
             _prompt(row["prompt"], image_token, f"{where}: 'prompt'")
             for c in _TEXT_COLUMNS[objective][1:]:
                 _answer(row[c], f"{where}: {c!r}")
+        collate = args.collator_kwargs()
+        collator = PreferenceCollator(processor, objective, **collate)
+        crop = objective == "mdpo" and collate.get("mdpo_crop", "seeded") == "seeded"
+        check = record_check(processor, collate["seed"], crop=crop)
+        for i, row in enumerate(dataset):
+            where = f"{name} row {i}"
+            record = record_from_row(row, objective, image_token, where)
+            try:
+                check(record)
+                kept, longest, _ = collator.measure(record)
+            except RecordProblem as e:
+                raise ValueError(f"{where}: {e}; fix: {e.fix}") from None
+            except ValueError as e:  # the collator's own refusal ("record 0: ..."): this row's
+                raise ValueError(f"{where}: {e}") from None
+            if not kept:
+                raise ValueError(f"{where}: its longest sequence is {longest} tokens, above max_length="
+                                 f"{collate['max_length']} with truncation={collate['truncation']}: raise max_length, "
+                                 "set truncation, or remove the row")
 
     # ------------------------------------------------------------------------------------------
     # TRL's hooks
@@ -392,7 +422,7 @@ class _PreferenceTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Nothing to tokenize ahead: the collator tokenizes each batch (and holds each image once).
         if isinstance(dataset, Dataset):
-            self._check_rows(dataset, dataset_name, processing_class.image_token)
+            self._check_rows(dataset, dataset_name, processing_class, args)
         return dataset
 
     def _set_signature_columns_if_needed(self):

@@ -6,7 +6,8 @@ the shells (peft, DDP, torch.compile) around a model.
     model, processor = build_tiny("tiny-qwen3-vl")              # any key of TINY_MODELS
     adapter = adapter_for(model)                                 # the family's Adapter
 
-Families: LLaVA-1.5 (``llava.py``), Qwen2.5-VL and Qwen2-VL (``qwen2_5_vl.py``), Qwen3-VL (``qwen3_vl.py``).
+Families: LLaVA-1.5 (``llava.py``), Qwen2.5-VL and Qwen2-VL (``qwen2_5_vl.py``), Qwen3-VL (``qwen3_vl.py``),
+text-only causal LMs (``causal_lm.py``, DPO).
 
 The forward layouts of a preference batch (``shared_prefix``, ``padded``, ``none``) live in
 :mod:`symmpo_fast.layouts`; their functions are also importable from here under their old names
@@ -34,6 +35,7 @@ __all__ = [
     "Adapter", "LlavaAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "CausalLMAdapter", "ADAPTERS", "TINY_MODELS",
     "TINY_TEXT_MODELS", "adapter_for", "unwrap", "find_peft", "build_tiny", "build_tiny_llava",
     "build_tiny_qwen2_5_vl", "build_tiny_qwen2_vl", "build_tiny_qwen3_vl", "build_tiny_text", "load_model",
+    "load_processor_for",
     "load_processor", "load_llava", "load_qwen_vl", "sequence_logps", "reference_logps", "forward_preference",
     "PACKINGS",
 ]
@@ -100,6 +102,22 @@ def load_model(name_or_path: str, dtype: torch.dtype, device, attn_implementatio
     for cls in ADAPTERS:
         if cls.accepts_config(config):
             return cls.load(name_or_path, dtype, torch.device(device), attn_implementation, **kwargs)
+    raise ValueError(f"{name_or_path}: model type {config.model_type!r} is not a supported family; supported: "
+                     f"{[cls.family for cls in ADAPTERS]}")
+
+
+def load_processor_for(name_or_path: str):
+    """The processor of any supported model (a tiny one, a Hub id, a directory) as its family's
+    loader gives it (LLaVA-1.5: the PIL CLIP image processor; Qwen-VL: no video processor; a
+    text model: its tokenizer), without loading the weights."""
+    from transformers import AutoConfig
+
+    if name_or_path in TINY_MODELS:
+        return build_tiny(name_or_path)[1]
+    config = AutoConfig.from_pretrained(name_or_path)
+    for cls in ADAPTERS:
+        if cls.accepts_config(config):
+            return cls.load_processor(name_or_path)
     raise ValueError(f"{name_or_path}: model type {config.model_type!r} is not a supported family; supported: "
                      f"{[cls.family for cls in ADAPTERS]}")
 

@@ -1,4 +1,4 @@
-"""The adapter interface: what the packed forward needs from a vision-language model family.
+"""The adapter interface: what the packed forward needs from a model family (vision-language or text).
 
 A new family (LLaVA-NeXT, InternVL, ...) is one file with one subclass of :class:`Adapter`, added
 to ``ADAPTERS`` in :mod:`symmpo_fast.models`.  The packed forward
@@ -27,6 +27,8 @@ transformers passes a 4-D mask or a ``BlockMask`` to the attention as it is.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,6 +49,47 @@ def attn_implementations(language_model: str) -> dict[str, str]:
     """Per-part ``attn_implementation``: the requested one for the language model (it receives
     the tree masks), SDPA for the vision tower (plain full attention within each image)."""
     return {"": language_model, "text_config": language_model, "vision_config": "sdpa"}
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``z = softcap * tanh(scale * (h @ W.T + b) / softcap)`` (no tanh when ``softcap`` is None).
+
+    :meth:`from_config` reads it from a model config the way TRL 1.16's fused head does
+    (``trl.trainer.utils.add_fused_lm_head``), so a drop-in computes the same distribution.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "LogitTransform":
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3
+        # Multipliers, in TRL's order of precedence: Cohere's logit_scale, output_multiplier,
+        # Falcon-H1's lm_head_multiplier; Granite / MiniCPM3 divide by logits_scaling, which
+        # HyperCLOVA X multiplies by instead.
+        scale = next((getattr(text, k) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                      if getattr(text, k, None) is not None), None)
+        if scale is None and getattr(text, "logits_scaling", None) is not None:
+            scale = text.logits_scaling if getattr(text, "model_type", "") == "hyperclovax" else 1 / text.logits_scaling
+        scale = 1.0 if scale is None else float(scale)
+        name = type(text).__name__
+        if not scale > 0:
+            raise ValueError(f"{name} declares a logit multiplier of {scale}: the fused head needs one > 0")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"{name}.final_logit_softcapping must be > 0 or None, got {softcap}")
+        return cls(scale, None if softcap is None else float(softcap))
+
+    @property
+    def head_kwargs(self) -> dict[str, Any]:
+        """``softcap`` and ``temperature`` for :func:`symmpo_fast.token_logps` and the fused loss,
+        which divide by the temperature before the softcap: a multiplier is 1 / temperature."""
+        return {"softcap": self.softcap, "temperature": 1.0 / self.scale}
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits * self.scale if self.scale != 1.0 else logits
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap is not None else z
 
 
 class Adapter:
@@ -79,6 +122,11 @@ class Adapter:
     def load(cls, name_or_path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None,
              **kwargs):
         """``(model, processor)`` of a checkpoint of this family (a Hub id or a local directory)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_processor(cls, name_or_path: str):
+        """The processor :meth:`load` returns, without the weights (``prepare-data``'s checks, TRL)."""
         raise NotImplementedError
 
     @property
@@ -156,14 +204,20 @@ class Adapter:
         return head.weight, head.bias
 
     @property
+    def logit_transform(self) -> LogitTransform:
+        """What the model's own head does to its logits (soft-capping, a multiplier), read from
+        its config as TRL reads it; the fused head applies the same."""
+        return LogitTransform.from_config(self.model.config)
+
+    @property
     def logit_softcap(self) -> float | None:
-        """``softcap`` of the fused head: the model's own final logit soft-capping, if any."""
-        return None
+        """``softcap`` of the fused head."""
+        return self.logit_transform.softcap
 
     @property
     def logit_temperature(self) -> float:
-        """``temperature`` of the fused head: 1 / the model's logit scale, if any."""
-        return 1.0
+        """``temperature`` of the fused head: 1 / the model's logit multiplier."""
+        return self.logit_transform.head_kwargs["temperature"]
 
     def image_feature_hook(self, index: torch.Tensor):
         """A context manager under which the model, given each distinct image once, hands the

@@ -4,9 +4,10 @@ DPO with one shared prefix (the prompt) and two responses per record through the
 The packed rows go through the model's own ``forward`` with our position ids and tree mask
 (transformers passes a 4-D mask or a ``BlockMask`` to the attention as it is) and
 ``logits_to_keep=1``; the decoder's output (after its final norm) is caught with a forward hook.
-The head's options come from the config, as the model's own head applies them: Gemma's
-``final_logit_softcapping`` is the fused head's ``softcap``, Cohere's ``logit_scale`` its
-``1 / temperature``.  mDPO and SymMPO need images and are refused by the collator.
+The head's options come from the config, as the model's own head applies them
+(:class:`symmpo_fast.models.base.LogitTransform`): Gemma's ``final_logit_softcapping`` is the
+fused head's ``softcap``; Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier`` and
+Granite's ``logits_scaling`` its temperature.  mDPO and SymMPO need images and are refused by the collator.
 
 Sliding-window attention (Gemma 2/3, Mistral) is not applied to a tree mask: packed rows stay
 exact only while every sequence is within the window, which :meth:`CausalLMAdapter.check_rows`
@@ -55,6 +56,12 @@ class CausalLMAdapter(Adapter):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         return prepare(model.to(device)), tokenizer
 
+    @classmethod
+    def load_processor(cls, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path)
+
     @property
     def image_token_id(self) -> None:
         return None
@@ -67,14 +74,6 @@ class CausalLMAdapter(Adapter):
     def attn_implementation(self) -> str:
         return self.model.config._attn_implementation
 
-    @property
-    def logit_softcap(self) -> float | None:
-        return getattr(self.model.config, "final_logit_softcapping", None) or None
-
-    @property
-    def logit_temperature(self) -> float:
-        return 1.0 / getattr(self.model.config, "logit_scale", None) if getattr(self.model.config, "logit_scale",
-                                                                               None) else 1.0
 
     def check_rows(self, rows) -> None:
         window = getattr(self.model.config, "sliding_window", None)

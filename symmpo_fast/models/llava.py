@@ -37,6 +37,10 @@ class LlavaAdapter(Adapter):
     def load(cls, name_or_path, dtype, device, attn_implementation=None, **kwargs):
         return load_llava(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation, **kwargs)
 
+    @classmethod
+    def load_processor(cls, name_or_path: str):
+        return llava_processor(name_or_path)
+
     @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
@@ -86,7 +90,7 @@ def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
     ``sdpa`` elsewhere; the vision tower always uses SDPA.  The image processor is the PIL one
     (:func:`clip_image_processor_pil`), whatever transformers would pick.  ``kwargs`` go to ``from_pretrained``.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,8 +100,15 @@ def load_llava(name_or_path: str, dtype: torch.dtype = torch.bfloat16, device: s
     model = LlavaForConditionalGeneration.from_pretrained(
         name_or_path, dtype=dtype,
         attn_implementation=attn_implementations(attn_implementation), **kwargs)
+    return prepare(model.to(device)), llava_processor(name_or_path)
+
+
+def llava_processor(name_or_path: str):
+    """The checkpoint's processor with the PIL CLIP image processor (:func:`clip_image_processor_pil`)."""
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(name_or_path)
     pil = clip_image_processor_pil()
     if type(processor.image_processor) is not pil:
         processor.image_processor = pil.from_pretrained(name_or_path)
-    return prepare(model.to(device)), processor
+    return processor

@@ -161,6 +161,12 @@ class Qwen2_5_VLAdapter(Adapter):
         return load_qwen_vl(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                             **kwargs)
 
+    @classmethod
+    def load_processor(cls, name_or_path: str):
+        from transformers import AutoConfig
+
+        return image_only_processor(AutoConfig.from_pretrained(name_or_path).model_type, name_or_path)
+
     @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.visual

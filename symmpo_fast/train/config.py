@@ -54,8 +54,11 @@ class TrainConfig:
                          "final model) and start over; without it or resume, such a directory is refused.")
 
     # --- model ---------------------------------------------------------------------------------
-    model: str = _f("tiny", "LLaVA checkpoint: a Hub name or local path in the llava-hf layout "
-                    "(e.g. llava-hf/llava-1.5-7b-hf), or 'tiny' for the random-init demo model.", group="model")
+    model: str = _f("tiny", "A checkpoint of a supported family (a Hub name or a local path: LLaVA-1.5 in the "
+                    "llava-hf layout, e.g. llava-hf/llava-1.5-7b-hf; Qwen2.5-VL, Qwen2-VL, Qwen3-VL; any text "
+                    "AutoModelForCausalLM for DPO), an exported run, or a tiny random-init model: 'tiny' (the demo's "
+                    "LLaVA), tiny-qwen2.5-vl, tiny-qwen3-vl, tiny-qwen2-vl, tiny-llama, tiny-qwen2, tiny-gemma2.",
+                    group="model")
     finetune: str = _f("lora", "'lora' (peft adapters on the language model) or 'full' (language model and "
                        "projector).", choices=("lora", "full"), group="model")
     lora_r: int = _f(128, "LoRA rank.", group="model")
@@ -128,7 +131,7 @@ class TrainConfig:
                             "(mDPO's JSON) is used as written.", choices=("auto", "llava_v1", "chat_template"),
                             group="data")
     system_prompt: str | None = _f(None, "Replaces the prompt format's system text (llava_v1: the official one; "
-                                   "chat_template: none).", group="data")
+                                   "chat_template: the template's own default, if it has one).", group="data")
     mdpo_crop: str = _f("seeded", "mDPO's cropped image m_l: 'seeded' (one crop of the raw image per record and seed, "
                         "the same every epoch, so a reference cache can hold it) or 'official' (a new random resized "
                         "crop of the processed image on every forward, policy and reference apart, as mDPO's code).",
@@ -192,6 +195,13 @@ class TrainConfig:
         if self.reference == "adapter" and self.finetune != "lora":
             raise ValueError("reference=adapter needs finetune=lora (the reference is the model with adapters off); "
                              "use reference=copy or cache for full fine-tuning")
+        if self.reference_mode == "dataset" and self.objective == "mdpo":
+            raise ValueError("reference=dataset: the official parquet's logps are SymMPO's columns, whose column 3 is "
+                             "y_w given m', and mDPO's is y_w given the crop m_l: use reference=adapter, copy or cache")
+        if self.reference_mode == "dataset" and self.truncation == "question":
+            raise ValueError("reference=dataset: the official logps are of sequences cut only on the right, as "
+                             "truncation=right (or drop) cuts them; truncation=question cuts the question instead: use "
+                             "truncation=right or drop, or reference=adapter, copy or cache")
         if self.mdpo_crop == "official" and self.objective == "mdpo" and self.reference_mode in ("cache", "dataset"):
             raise ValueError("mdpo_crop=official draws a new crop on every forward, so no stored reference log-prob "
                              "matches it: use reference=adapter or copy, or mdpo_crop=seeded")
@@ -209,10 +219,13 @@ class TrainConfig:
             return self.reference
         return "adapter" if self.finetune == "lora" else "copy"
 
-    def collator_kwargs(self) -> dict:
-        """The :class:`symmpo_fast.data.PreferenceCollator` options this run sets."""
+    def collator_kwargs(self, evaluation: bool = False) -> dict:
+        """The :class:`symmpo_fast.data.PreferenceCollator` options this run sets; ``evaluation``:
+        those of held-out evaluation, whose crops m_l are always the seeded ones (the same numbers
+        every time, and no draw from the training run's random stream)."""
         return dict(max_length=self.max_length, truncation=self.truncation, seed=self.seed,
-                    prompt_format=self.prompt_format, system_prompt=self.system_prompt, mdpo_crop=self.mdpo_crop)
+                    prompt_format=self.prompt_format, system_prompt=self.system_prompt,
+                    mdpo_crop="seeded" if evaluation else self.mdpo_crop)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -258,6 +271,8 @@ class TrainConfig:
         ``saved`` holds are compared, and the data's may not change, since their records cannot
         be compared."""
         applied, refused = [], []
+        if recorded_only:  # what that trainer did where it recorded nothing: its prompt was the chat template
+            saved = {**_BEFORE_RECORDING, **saved}
         for f in dataclasses.fields(self):
             if recorded_only and f.name not in saved:
                 continue
@@ -285,6 +300,10 @@ _NON_NEGATIVE = {"max_steps": "0: num_epochs passes", "max_records": "0: all rec
                  "num_workers": "0: load in the training process", "learning_rate": "a step size",
                  "weight_decay": "a decay rate", "max_grad_norm": "0: no clipping"}
 _RANGES = {"warmup_ratio": (0, 1), "lora_dropout": (0, 1), "adam_beta1": (0, 1), "adam_beta2": (0, 1)}
+
+# Settings that did not exist when a checkpoint of the trainer before hashes was written, at the
+# value that trainer used: a resume must keep them (its default "auto" now means llava_v1 for LLaVA).
+_BEFORE_RECORDING = {"prompt_format": "chat_template"}
 
 _SAME_DATA = "the data read must be the same records (checked by content fingerprint)"
 _SPEED = "speed and memory only"

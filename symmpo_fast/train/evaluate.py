@@ -88,6 +88,8 @@ def greedy_answers(model, processor, dataset: PreferenceDataset, batch_size: int
                    prompt_format: str = "auto", system_prompt: str | None = None) -> list[str]:
     """The model's greedy answer to each record's question about its image m, asked in the prompt
     format the model was trained with (the collator's prompt for y_w given m, left-padded)."""
+    if not hasattr(processor, "image_processor"):
+        raise ValueError("greedy answers are judged against the generated task's images; a text model has none")
     base = unwrap(model)
     device = base.get_input_embeddings().weight.device
     tok = processor.tokenizer
@@ -126,13 +128,15 @@ def hallucination_metrics(answers: list[str], dataset: PreferenceDataset, prefix
 
 def evaluate(model, processor, dataset: PreferenceDataset, batch_size: int = 16, packing: str = "shared_prefix",
              backend: str = "auto", generate: bool = True, max_length: int = 2048, seed: int = 0,
-             prefix: str = "eval/", prompt_format: str = "auto", system_prompt: str | None = None) -> dict[str, float]:
-    """Every metric of the module docstring for one model on one held-out data set (one process)."""
+             prefix: str = "eval/", prompt_format: str = "auto", system_prompt: str | None = None,
+             truncation: str = "drop") -> dict[str, float]:
+    """Every metric of the module docstring for one model on one held-out data set (one process),
+    collated as a training run's held-out evaluation is (``TrainConfig.collator_kwargs(evaluation=True)``)."""
     was_training = model.training
     model.eval()
     try:
         collator = PreferenceCollator(processor, eval_objective(dataset), max_length=max_length, seed=seed,
-                                      prompt_format=prompt_format, system_prompt=system_prompt)
+                                      prompt_format=prompt_format, system_prompt=system_prompt, truncation=truncation)
         out = logp_metrics(lambda b: sequence_logps(model, b, packing, backend), dataset, collator, batch_size, prefix)
         if generate and any("meta" in r for r in dataset.records):
             answers = greedy_answers(model, processor, dataset, batch_size=max(batch_size, 32),
@@ -167,4 +171,4 @@ def run_eval(cfg, generate: bool = True) -> dict[str, float]:
         prompt_format, system_prompt = run_cfg.prompt_format, run_cfg.system_prompt
     return evaluate(model, processor, data, batch_size=max(cfg.micro_batch_size, 16), packing=cfg.packing,
                     backend=cfg.backend, generate=generate, max_length=cfg.max_length, seed=cfg.seed,
-                    prompt_format=prompt_format, system_prompt=system_prompt)
+                    prompt_format=prompt_format, system_prompt=system_prompt, truncation=cfg.truncation)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import formats
+from .. import prompts
 from ..data import PreferenceCollator
 from ..synthetic import SyntheticConfig, build_split, build_text_split
 from . import distributed as dist_utils
@@ -41,29 +42,29 @@ from .refcache import ReferenceCache, cache_fingerprint
 # data
 
 
-def check_model_and_objective(cfg: TrainConfig) -> bool:
-    """Whether the run's model sees images; mDPO and SymMPO on a text-only model are refused here,
-    before anything is loaded."""
-    images = model_has_images(cfg.model)
-    if not images and cfg.objective != "dpo":
+def check_model_and_objective(cfg: TrainConfig) -> None:
+    """mDPO and SymMPO on a text-only model are refused here, before anything is loaded."""
+    if cfg.objective != "dpo" and not model_has_images(cfg.model):
         raise ValueError(f"objective {cfg.objective} needs images (m, and m' or mDPO's crop m_l), and {cfg.model} is a "
                          "text-only model: train it with --objective dpo")
-    return images
 
 
 def _check(cfg: TrainConfig, processor, crop: bool, objective: str):
+    """The trainer's read-time checks (:func:`symmpo_fast.train.prepare.record_check`) under the
+    run's collator options (the held-out evaluation's for ``objective="eval"``)."""
     if processor is None:
         return None
-    return record_check(processor, cfg.seed, crop=crop and cfg.mdpo_crop == "seeded", objective=objective,
-                        collate=cfg.collator_kwargs())
+    evaluation = objective == "eval"
+    collate = cfg.collator_kwargs(evaluation=evaluation)
+    return record_check(processor, cfg.seed, crop=crop and collate["mdpo_crop"] == "seeded", objective=objective,
+                        collate=collate)
 
 
-def load_data(cfg: TrainConfig, processor=None, text_only: bool = False) -> formats.PreferenceDataset:
+def load_data(cfg: TrainConfig, processor=None) -> formats.PreferenceDataset:
     """The training records; with the run's ``processor`` they are also checked for what the
     collator would refuse mid-run (see :func:`symmpo_fast.train.prepare.record_check`).  A text
-    model (its processor a tokenizer, or ``text_only``) reads text preference data."""
-    if processor is not None:
-        text_only = not hasattr(processor, "image_processor")
+    model (its processor a tokenizer) reads text preference data."""
+    text_only = processor is not None and not hasattr(processor, "image_processor")
     if cfg.data == "synthetic" or cfg.data_format == "synthetic":
         n = cfg.max_records or cfg.synthetic_records
         return build_text_split("train", n) if text_only else build_split("train", n, SyntheticConfig())
@@ -223,6 +224,12 @@ class DatasetReference:
         if missing:
             raise ValueError(f"reference=dataset but {len(missing)} records have no precomputed logps "
                              f"(e.g. {missing[0]}): use reference=adapter, copy or cache")
+        # The official logps are the official input's: llava_v1's, its system text, y_w given m'
+        # in column 3 (mDPO's column 3 is y_w given the crop m_l), cut only as the official code cuts.
+        if collator.prompt_format != "llava_v1" or collator.format.system != prompts.LLAVA_V1_SYSTEM:
+            raise ValueError("reference=dataset: the official logps were computed on the official llava_v1 input; this "
+                             f"run's prompt is {collator.prompt_format!r} (or another system text): use "
+                             "reference=adapter, copy or cache")
         self.dataset, self.collator, self.kind = dataset, collator, "mean" if average else "sum"
 
     def __call__(self, indices: list[int], batch) -> torch.Tensor:
@@ -522,7 +529,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
 
 def _evaluate(root, eval_data, models: Models, cfg: TrainConfig, device) -> dict:
-    collator = PreferenceCollator(models.processor, eval_objective(eval_data), **cfg.collator_kwargs())
+    collator = PreferenceCollator(models.processor, eval_objective(eval_data), **cfg.collator_kwargs(evaluation=True))
     root.eval()
     try:
         def fwd(batch):

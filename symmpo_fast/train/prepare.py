@@ -23,15 +23,10 @@ RESPONSES = ("chosen", "rejected", "contrast_chosen")
 
 
 def load_processor_for(model: str):
-    """The processor of ``model`` (a tiny model, a Hub name or a directory; a text model's is its
-    tokenizer) without loading its weights."""
-    from ..models import TINY_MODELS, build_tiny
+    """The processor of ``model`` as training loads it, without its weights (:func:`symmpo_fast.models.load_processor_for`)."""
+    from ..models import load_processor_for as load
 
-    if model in TINY_MODELS:
-        return build_tiny(model)[1]
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model)
+    return load(model)
 
 
 def special_texts(processor) -> tuple[str, ...]:
@@ -51,8 +46,8 @@ def mdpo_crop(image, seed: int):
 
 
 _LENGTH_FIX = {
-    "drop": "raise max_length, or set truncation=question (cut the question) or truncation=right (cut the "
-            "responses' tails)",
+    "drop": "raise max_length, or set truncation=right (cut the responses' tails) or truncation=question (cut the "
+            "question: records with a question only, not as-written prompts or text records)",
     "question": "raise max_length, or set truncation=right (cut the responses' tails)",
     "right": "raise max_length: its prompt alone (image tokens included) leaves no response token",
 }
@@ -66,11 +61,12 @@ def length_check(processor, objective: str, collate: dict) -> formats.Check:
     else mDPO's), as the held-out evaluation collates it."""
     from ..data import PreferenceCollator
 
-    collators: dict[str, PreferenceCollator] = {}
+    # Built here, once: a setting the collator refuses is the run's error, not every record's.
+    images = hasattr(processor, "image_processor")
+    names = (objective,) if objective != "eval" else ("symmpo", "mdpo", "dpo") if images else ("dpo",)
+    collators = {name: PreferenceCollator(processor, name, **collate) for name in names}
 
     def collator(name: str) -> PreferenceCollator:
-        if name not in collators:
-            collators[name] = PreferenceCollator(processor, name, **collate)
         return collators[name]
 
     def check(rec: dict) -> None:
@@ -130,18 +126,15 @@ def record_check(processor, seed: int, crop: bool, objective: str | None = None,
     return check
 
 
-def _length_report(dataset: formats.PreferenceDataset, processor, objective: str, max_length: int, seed: int,
-                   prompt_format: str = "auto") -> dict:
+def _length_report(dataset: formats.PreferenceDataset, processor, objective: str, max_length: int,
+                   collate: dict) -> dict:
     from ..data import PreferenceCollator
 
-    # The longest sequence of every record, measured with no length limit.  The records read are
-    # those the length check kept: over max_length only when the truncation cuts them instead.
-    collator = PreferenceCollator(processor, objective, max_length=10**9, seed=seed, prompt_format=prompt_format)
-    longest = []
-    for i in range(len(dataset)):
-        batch = collator([dataset[i]])
-        longest.append(max(len(p) + len(r) for p, r in zip(batch.prompt_ids[0], batch.response_ids[0])
-                           if p is not None))
+    # The longest sequence of every record, measured (tokenization only) with no length limit.
+    # The records read are those the length check kept: over max_length only when the truncation
+    # cuts them instead.
+    collator = PreferenceCollator(processor, objective, **{**collate, "max_length": 10**9})
+    longest = [collator.measure(dataset[i])[1] for i in range(len(dataset))]
     ordered = sorted(longest)
     return {"tokens_max": ordered[-1], "tokens_mean": round(sum(longest) / len(longest), 1),
             "tokens_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
@@ -150,7 +143,7 @@ def _length_report(dataset: formats.PreferenceDataset, processor, objective: str
 
 def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
     path = formats.write_jsonl(dataset, output)
-    if dataset.has_fields(("contrast_image",)):
+    if dataset.has_fields(("contrast_image",)) or not dataset.has_fields(("image",)):  # SymMPO or text data
         return str(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for i, row in enumerate(rows):
@@ -164,7 +157,7 @@ def _write(dataset: formats.PreferenceDataset, output: str, seed: int) -> str:
 def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", image_root: str = "",
             skip_bad_records: bool = False, output: str = "", model: str = "", max_length: int = 2048,
             seed: int = 0, images: ImagePolicy = ImagePolicy(), prompt_format: str = "auto",
-            truncation: str = "drop") -> dict:
+            truncation: str = "drop", system_prompt: str | None = None, mdpo_crop: str = "seeded") -> dict:
     """Validate ``data`` for ``objective``; returns the report that the command prints.
 
     The special tokens checked are ``model``'s, or without one the tiny model's (LLaVA-1.5's); a
@@ -174,9 +167,10 @@ def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", ima
     """
     processor = load_processor_for(model or "tiny")
     text_only = not hasattr(processor, "image_processor")
-    collate = dict(max_length=max_length, truncation=truncation, seed=seed, prompt_format=prompt_format)
-    check = record_check(processor, seed, crop=objective == "mdpo", objective=objective if model else None,
-                         collate=collate)
+    collate = dict(max_length=max_length, truncation=truncation, seed=seed, prompt_format=prompt_format,
+                   system_prompt=system_prompt, mdpo_crop=mdpo_crop)  # as TrainConfig.collator_kwargs()
+    check = record_check(processor, seed, crop=objective == "mdpo" and mdpo_crop == "seeded",
+                         objective=objective if model else None, collate=collate)
     dataset = formats.load_dataset(data, data_format, objective=objective, image_root=image_root,
                                    skip_bad_records=skip_bad_records, images=images, check=check, text_only=text_only)
     report = {
@@ -194,7 +188,7 @@ def prepare(data: str, data_format: str = "auto", objective: str = "symmpo", ima
         "fingerprint": dataset.fingerprint(),
     }
     if model:
-        report.update(_length_report(dataset, processor, objective, max_length, seed, prompt_format))
+        report.update(_length_report(dataset, processor, objective, max_length, collate))
     if output:
         report["written"] = _write(dataset, output, seed)
     return report

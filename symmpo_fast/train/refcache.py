@@ -55,7 +55,7 @@ def cache_fingerprint(model_fingerprint: str, data_fingerprint: str, cfg) -> dic
     objective = cfg.objective_config()
     return {"model": model_fingerprint, "data": data_fingerprint, "objective": cfg.objective,
             "average_logps": objective.average_logps, "max_length": cfg.max_length, "truncation": cfg.truncation,
-            "crop_seed": cfg.seed}
+            "crop_seed": cfg.seed, "prompt_format": cfg.prompt_format, "system_prompt": cfg.system_prompt}
 
 
 def write_cache(directory: str | Path, keys: list[str], logps: torch.Tensor, fingerprint: dict,
@@ -215,9 +215,13 @@ def precompute(cfg) -> Path:
     parts = dist_utils.gather_to_rank0((keys, ids, logps.tolist()))
     out = Path(cfg.ref_cache or Path(cfg.output_dir) / "ref_cache")
     if rank == 0:
-        all_keys = [k for ks, _, _ in parts for k in ks]
-        all_ids = [i for _, part_ids, _ in parts for i in part_ids]
-        all_logps = torch.tensor([v for _, _, vs in parts for v in vs], dtype=torch.float32).reshape(-1, NUM_ROLES)
-        write_cache(out, all_keys, all_logps, cache_fingerprint(fingerprint, dataset.fingerprint(), cfg), all_ids)
+        # A duplicate record (kept by the reader, reported) has its first copy's key: one row each.
+        first: dict[str, tuple[str, list[float]]] = {}
+        for ks, part_ids, vs in parts:
+            for k, i, v in zip(ks, part_ids, vs, strict=True):
+                first.setdefault(k, (i, v))
+        all_logps = torch.tensor([v for _, v in first.values()], dtype=torch.float32).reshape(-1, NUM_ROLES)
+        write_cache(out, list(first), all_logps, cache_fingerprint(fingerprint, dataset.fingerprint(), cfg),
+                    [i for i, _ in first.values()])
     dist_utils.barrier()
     return out
