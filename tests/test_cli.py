@@ -282,10 +282,11 @@ def test_demo_quick_on_a_fixed_seed(tmp_path):
     assert again == pytest.approx(summary["after"])
 
 
-def test_a_missing_model_directory_is_named(tmp_path):
+def test_a_missing_model_directory_is_named(tmp_path, monkeypatch):
     """A path that does not exist is reported as such, not passed to the Hub as a repo id."""
     from symmpo_fast.train.model import load_base
 
+    monkeypatch.chdir(tmp_path)  # the repository's own runs/demo/sft exists once make demo has run
     for name in ("runs/demo/sft", str(tmp_path / "nothing"), "./model"):
         with pytest.raises(FileNotFoundError, match="no such directory"):
             load_base(name, 0, torch.device("cpu"), torch.float32)
