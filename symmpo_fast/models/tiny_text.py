@@ -1,7 +1,8 @@
 """Tiny random-init text LMs for tests and benchmarks: no download, built from configs.
 
-Three families with their own conventions, each with the shipped byte-level BPE (see
-``assets/build_tokenizer.py``) given that family's special tokens, BOS rule and chat template:
+Three families with their own conventions, each with a shipped byte-level BPE given that family's
+special tokens, BOS rule and chat template (``assets/build_tokenizer.py``'s; for Qwen2 the tiny
+Qwen tokenizer of ``assets/build_qwen_tokenizer.py``):
 
 =================  ============================  ===================================================
 name               architecture                  what it exercises
@@ -71,8 +72,7 @@ class _Family:
 FAMILIES = {
     "tiny-llama": _Family(("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                           "<|begin_of_text|>", "<|eot_id|>", "<pad>", LLAMA3_TEMPLATE),
-    "tiny-qwen2": _Family(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>",
-                          QWEN2_TEMPLATE),
+    "tiny-qwen2": _Family((), None, "<|im_end|>", "<|endoftext|>", QWEN2_TEMPLATE),  # the shipped Qwen tokenizer
     "tiny-gemma2": _Family(("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>", "<pad>",
                            GEMMA2_TEMPLATE),
 }
@@ -81,23 +81,20 @@ FAMILIES = {
 def build_tiny_tokenizer(name: str):
     """The shipped BPE with family ``name``'s special tokens, BOS rule and chat template.
 
-    ``tiny-qwen2``'s is a transformers ``Qwen2Tokenizer`` over the shipped vocabulary and merges
-    (Qwen's own pre-tokenizer: digits one by one, NFC): transformers loads any tokenizer saved
-    beside a Qwen2 config as that class, so a tiny model that saves and loads back must use it.
+    ``tiny-qwen2``'s is the shipped tiny Qwen tokenizer (``assets/qwen2_5_vl``: a transformers
+    ``Qwen2Tokenizer`` with Qwen's pre-tokenizer and special tokens) with the text template:
+    transformers loads any tokenizer saved beside a Qwen2 config as that class, so a tiny model
+    that saves and loads back must use it.
     """
-    import json
-
     from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     fam = FAMILIES[name]
     if name == "tiny-qwen2":
-        model = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["model"]
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-        tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token="<unk>", bos_token=None,
-                             eos_token=fam.eos, pad_token=fam.pad, chat_template=fam.template,
-                             clean_up_tokenization_spaces=False)
-        tok.add_special_tokens({"additional_special_tokens": [t for t in fam.specials if t not in (fam.eos, fam.pad)]})
+        from .qwen2_5_vl import ASSETS
+
+        tok = AutoTokenizer.from_pretrained(str(ASSETS / "qwen2_5_vl"))
+        tok.chat_template = fam.template
         return tok
     backend = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
     backend.add_special_tokens(list(fam.specials))
